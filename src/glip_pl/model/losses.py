@@ -1,0 +1,212 @@
+"""GLIP grounding loss: ATSS assignment, token focal loss, centerness-weighted GIoU, centerness BCE (reference §2).
+
+Shape legend: B batch, N = sum_l H_l*W_l anchors (level-major), T text tokens, M GT boxes per image (padded),
+P positive anchors of the whole batch.
+
+Returns named, UNWEIGHTED terms; ``GroundingCriterion.weights`` is the one place the weights live (DESIGN.md 9).
+Normalisers are averaged across ranks through ``reduce_mean`` (identity by default; the training shell sets an
+all-reduce average), called exactly once per forward on every rank, positives or not.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from .atss import atss_assign, atss_assign_reference
+from .box_coder import BoxCoder
+from .types import GLIPInputError, GroundingOutputs, Targets
+
+DEFAULT_WEIGHTS = {"loss_token": 1.0, "loss_reg": 2.0, "loss_centerness": 1.0}  # §2.3-2.4
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def centerness_targets(anchors_P4: Tensor, gt_P4: Tensor) -> Tensor:
+    """sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) of each anchor centre inside its GT box, (P,)."""
+    cx = (anchors_P4[:, 0] + anchors_P4[:, 2]) / 2.0
+    cy = (anchors_P4[:, 1] + anchors_P4[:, 3]) / 2.0
+    l, t = cx - gt_P4[:, 0], cy - gt_P4[:, 1]
+    r, b = gt_P4[:, 2] - cx, gt_P4[:, 3] - cy
+    lr = torch.minimum(l, r) / torch.maximum(l, r)
+    tb = torch.minimum(t, b) / torch.maximum(t, b)
+    return torch.sqrt(lr * tb)
+
+
+def _giou_loss(pred_P4: Tensor, gt_P4: Tensor) -> Tensor:
+    """1 - GIoU per pair, (P,); a decoded box with x2 < x1 is flattened to zero width first (as the official)."""
+    x1, y1, x2, y2 = pred_P4.unbind(-1)
+    pred = torch.stack([x1, y1, torch.maximum(x1, x2), torch.maximum(y1, y2)], dim=-1)
+    return torchvision.ops.generalized_box_iou_loss(pred, gt_P4, reduction="none")
+
+
+class GroundingCriterion(nn.Module):
+    """ATSS-assigned GLIP losses; ``forward`` -> {"loss_token", "loss_reg", "loss_centerness"} (unweighted)."""
+
+    def __init__(
+        self,
+        box_coder: BoxCoder,
+        topk: int = 9,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        weights: Optional[dict] = None,
+        plus_one: bool = False,
+    ):
+        super().__init__()
+        if bool(plus_one) != box_coder.plus_one:
+            raise GLIPInputError(
+                f"GroundingCriterion(plus_one={plus_one}) disagrees with box_coder.plus_one={box_coder.plus_one}"
+            )
+        unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise GLIPInputError(f"unknown loss weights {sorted(unknown)}; terms are {sorted(DEFAULT_WEIGHTS)}")
+        self.box_coder = box_coder
+        self.topk = int(topk)
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.plus_one = bool(plus_one)
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        # Positive-count all-reduce hook: Tensor -> Tensor, elementwise average over ranks.
+        self.reduce_mean: Callable[[Tensor], Tensor] = _identity
+
+    def total(self, terms: dict) -> Tensor:
+        """Weighted sum of the terms returned by ``forward``."""
+        unknown = set(terms) - set(self.weights)
+        if unknown:
+            raise GLIPInputError(f"no weight for loss terms {sorted(unknown)}")
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def _prepare(self, outputs: GroundingOutputs, targets: Targets):
+        """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask)."""
+        logits = outputs.logits.float()
+        if logits.dim() != 3:
+            raise GLIPInputError(f"outputs.logits must be (B, N, T), got {tuple(logits.shape)}")
+        B, N, T = logits.shape
+        deltas = outputs.box_regression.float()
+        ctr = outputs.centerness.float()
+        anchors = outputs.anchors.float()
+        if tuple(deltas.shape) != (B, N, 4):
+            raise GLIPInputError(f"outputs.box_regression must be {(B, N, 4)}, got {tuple(deltas.shape)}")
+        if tuple(ctr.shape) != (B, N):
+            raise GLIPInputError(f"outputs.centerness must be {(B, N)}, got {tuple(ctr.shape)}")
+        if tuple(anchors.shape) != (N, 4):
+            raise GLIPInputError(f"outputs.anchors must be {(N, 4)}, got {tuple(anchors.shape)}")
+        if sum(outputs.num_anchors_per_level) != N:
+            raise GLIPInputError(f"outputs.level_sizes {outputs.level_sizes} do not cover the N={N} anchors")
+        boxes = targets.boxes.float()
+        if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[-1] != 4:
+            raise GLIPInputError(f"targets.boxes must be (B={B}, M, 4), got {tuple(boxes.shape)}")
+        M = boxes.shape[1]
+        valid = targets.valid.bool()
+        pmap = targets.positive_map.float()
+        if pmap.dim() != 3 or pmap.shape[:2] != (B, M):
+            raise GLIPInputError(f"targets.positive_map must be (B={B}, M={M}, T), got {tuple(pmap.shape)}")
+        if pmap.shape[-1] > T:
+            raise GLIPInputError(f"targets.positive_map has {pmap.shape[-1]} tokens but the logits only {T}")
+        pmap = F.pad(pmap, (0, T - pmap.shape[-1]))
+        mask = outputs.text_mask
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=logits.device)
+        elif tuple(mask.shape) != (B, T):
+            raise GLIPInputError(f"outputs.text_mask must be (B={B}, T={T}), got {tuple(mask.shape)}")
+        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool()
+
+    def _normalisers(self, num_pos: Tensor, ctr_sum: Tensor, reduce_mean) -> tuple[Tensor, Tensor]:
+        # One collective for both normalisers; every rank makes it, whatever its number of positives.
+        stats = reduce_mean(torch.stack([num_pos.detach().float(), ctr_sum.detach().float()]))
+        return stats[0].clamp(min=1.0), stats[1].clamp(min=1e-6)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(
+        self, outputs: GroundingOutputs, targets: Targets, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None
+    ) -> dict:
+        reduce_mean = reduce_mean or self.reduce_mean or _identity
+        with torch.autocast(device_type=outputs.logits.device.type, enabled=False):
+            logits, deltas, ctr, anchors, boxes, valid, pmap, mask = self._prepare(outputs, targets)
+            B, N, T = logits.shape
+            matched = atss_assign(anchors, outputs.num_anchors_per_level, boxes, valid, self.topk, self.plus_one)
+            pos = matched >= 0  # (B, N)
+
+            # Token focal loss: a positive anchor takes its GT's whole positive-map row, background all zeros.
+            if pmap.shape[1] > 0:
+                idx = matched.clamp(min=0)[:, :, None].expand(B, N, T)
+                token_tgt = torch.gather(pmap, 1, idx) * pos[:, :, None]
+            else:
+                token_tgt = torch.zeros_like(logits)
+            sel = mask[:, None, :].expand(B, N, T)
+            token_sum = torchvision.ops.sigmoid_focal_loss(
+                logits[sel], token_tgt[sel], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+            )
+
+            # Regression and centerness on the P positives of the whole batch.
+            b_idx, n_idx = pos.nonzero(as_tuple=True)
+            gt = boxes[b_idx, matched[b_idx, n_idx]]  # (P, 4)
+            anc = anchors[n_idx]
+            ctr_tgt = centerness_targets(anc, gt)
+            num_pos_avg, ctr_avg = self._normalisers(pos.sum(), ctr_tgt.sum(), reduce_mean)
+
+            if b_idx.numel() == 0:
+                reg_sum = deltas.sum() * 0.0
+                ctr_loss_sum = ctr.sum() * 0.0
+            else:
+                pred = self.box_coder.decode(deltas[b_idx, n_idx], anc)
+                reg_sum = (_giou_loss(pred, gt) * ctr_tgt).sum()
+                ctr_loss_sum = F.binary_cross_entropy_with_logits(ctr[b_idx, n_idx], ctr_tgt, reduction="sum")
+        return {
+            "loss_token": token_sum / num_pos_avg,
+            "loss_reg": reg_sum / ctr_avg,
+            "loss_centerness": ctr_loss_sum / num_pos_avg,
+        }
+
+
+def criterion_reference(
+    criterion: GroundingCriterion,
+    outputs: GroundingOutputs,
+    targets: Targets,
+    reduce_mean: Optional[Callable[[Tensor], Tensor]] = None,
+) -> dict:
+    """Slow per-image version of ``criterion(outputs, targets)`` (atss_assign_reference, one image at a time)."""
+    reduce_mean = reduce_mean or criterion.reduce_mean or _identity
+    logits, deltas, ctr, anchors, boxes, valid, pmap, mask = criterion._prepare(outputs, targets)
+    B, N, T = logits.shape
+    token_sum = logits.sum() * 0.0
+    reg_sum = deltas.sum() * 0.0
+    ctr_loss_sum = ctr.sum() * 0.0
+    num_pos = 0
+    ctr_tgt_sum = torch.zeros((), device=logits.device)
+    for b in range(B):
+        matched = atss_assign_reference(
+            anchors, outputs.num_anchors_per_level, boxes[b : b + 1], valid[b : b + 1], criterion.topk,
+            criterion.plus_one,
+        )[0]
+        pos = matched >= 0
+        tgt = torch.zeros(N, T, device=logits.device)
+        tgt[pos] = pmap[b, matched[pos]]
+        keep = mask[b]
+        token_sum = token_sum + torchvision.ops.sigmoid_focal_loss(
+            logits[b][:, keep], tgt[:, keep], criterion.focal_alpha, criterion.focal_gamma, reduction="sum"
+        )
+        if not bool(pos.any()):
+            continue
+        gt = boxes[b, matched[pos]]
+        anc = anchors[pos]
+        ct = centerness_targets(anc, gt)
+        pred = criterion.box_coder.decode(deltas[b][pos], anc)
+        reg_sum = reg_sum + (_giou_loss(pred, gt) * ct).sum()
+        ctr_loss_sum = ctr_loss_sum + F.binary_cross_entropy_with_logits(ctr[b][pos], ct, reduction="sum")
+        num_pos += int(pos.sum())
+        ctr_tgt_sum = ctr_tgt_sum + ct.sum()
+    num_pos_t = torch.tensor(float(num_pos), device=logits.device)
+    num_pos_avg, ctr_avg = criterion._normalisers(num_pos_t, ctr_tgt_sum, reduce_mean)
+    return {
+        "loss_token": token_sum / num_pos_avg,
+        "loss_reg": reg_sum / ctr_avg,
+        "loss_centerness": ctr_loss_sum / num_pos_avg,
+    }

@@ -1,0 +1,139 @@
+"""Model presets: the official GLIP-T(A), GLIP-T (= T(B), T(C), GLIP-T), GLIP-L, and a tiny CPU model.
+
+Dimensions from reference §1 (and §7 for the parameter counts each preset must reach). Presets are Python;
+recipes (YAML) only change what differs (DESIGN.md practice 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Optional
+
+from .backbone import SwinConfig
+from .language import TextEncoderConfig
+from .types import GLIPInputError
+
+
+@dataclass
+class GLIPConfig:
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    channels: int = 256  # FPN / DyHead width (JOINT_EMB_SIZE)
+    num_blocks: int = 6  # DYHEAD.NUM_CONVS: 6 for T, 8 for L
+    fusion: str = "bi_attention"  # "bi_attention" (deep fusion, MHA-B) | "none" (GLIP-T(A))
+    fusion_embed_dim: int = 2048
+    fusion_heads: int = 8
+    fusion_dropout: float = 0.1
+    text_layer_heads: int = 12
+    text_layer_intermediate: int = 3072
+    use_fused_text: bool = True  # USE_FUSED_FEATURES_DOT_PRODUCT: text after the tower feeds the dot product
+    groupnorm_groups: int = 16
+    dropblock: bool = True
+    dropblock_prob: float = 0.3
+    dropblock_size: int = 3
+    strides: tuple = (8, 16, 32, 64, 128)
+    anchor_scale: float = 8.0
+    max_text_len: int = 256
+    tokenizer: Optional[str] = None  # None = bundled bert-base-uncased vocabulary
+    official_compat: bool = False  # BGR-255 input, +1 boxes, flat-memory DCN offsets (see docs/official_compat)
+    use_sdpa: bool = True
+    checkpoint_backbone: bool = False
+    checkpoint_text: bool = False
+    checkpoint_fusion: bool = False
+    checkpoint_dyhead: bool = False
+    topk: int = 9  # ATSS candidates per level
+    # prompt tuning (official language_prompt_v2): a zero-init (max_text_len, text width) prompt added to the text
+    # features; every other parameter frozen at build time (model/prompt_tuning.py)
+    prompt_tuning: bool = False
+    # post-processing (reference §6)
+    score_thresh: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_thresh: float = 0.6
+    detections_per_img: int = 100
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _glip_t() -> GLIPConfig:
+    return GLIPConfig()
+
+
+def _glip_t_a() -> GLIPConfig:
+    return GLIPConfig(fusion="none", use_fused_text=False)
+
+
+def _glip_l() -> GLIPConfig:
+    return GLIPConfig(
+        swin=SwinConfig(
+            embed_dim=192,
+            depths=(2, 2, 18, 2),
+            num_heads=(6, 12, 24, 48),
+            window_size=12,
+            drop_path_rate=0.4,
+            frozen_stages=2,
+            timm_name="swin_large_patch4_window12_384",
+        ),
+        num_blocks=8,
+    )
+
+
+def _tiny() -> GLIPConfig:
+    """A few-MB model for CPU tests and the demo: same structure, small widths."""
+    return GLIPConfig(
+        swin=SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
+        text=TextEncoderConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+        channels=32,
+        num_blocks=2,
+        fusion_embed_dim=64,
+        fusion_heads=2,
+        fusion_dropout=0.0,
+        text_layer_heads=2,
+        text_layer_intermediate=128,
+        groupnorm_groups=8,
+        dropblock=False,
+    )
+
+
+PRESETS = {
+    "glip_t_a": _glip_t_a,
+    "glip_t": _glip_t,
+    "glip_l": _glip_l,
+    "tiny": _tiny,
+}
+
+# Official parameter counts (reference §7) without the unused 80-class ``cls_logits`` conv (20,560 params),
+# which glip_pl leaves out.
+OFFICIAL_PARAMS = {
+    "glip_t": 231_780_222 - 20_560,
+    "glip_l": 430_422_384 - 20_560,
+    "glip_t_a": 151_430_526 - 20_560,
+}
+
+
+def _apply(obj, key: str, value):
+    """Set ``key`` (dotted for nested dataclasses: ``swin.drop_path_rate``) on a dataclass copy."""
+    head, _, rest = key.partition(".")
+    names = {f.name for f in fields(obj)}
+    if head not in names:
+        raise GLIPInputError(f"unknown model option {key!r}; valid options: {sorted(names)}")
+    if rest:
+        sub = getattr(obj, head)
+        if not is_dataclass(sub):
+            raise GLIPInputError(f"model option {head!r} has no sub-option {rest!r}")
+        return replace(obj, **{head: _apply(sub, rest, value)})
+    cur = getattr(obj, head)
+    if is_dataclass(cur) and isinstance(value, dict):
+        for k, v in value.items():
+            cur = _apply(cur, k, v)
+        value = cur
+    return replace(obj, **{head: value})
+
+
+def get_config(preset: str, **overrides) -> GLIPConfig:
+    if preset not in PRESETS:
+        raise GLIPInputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for k, v in overrides.items():
+        cfg = _apply(cfg, k.replace("__", "."), v)
+    return cfg

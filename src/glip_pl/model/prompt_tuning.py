@@ -1,0 +1,71 @@
+"""Prompt tuning (GLIP §4.3 / reference §5, official ``SOLVER.TUNING_HIGHLEVEL_OVERRIDE language_prompt_v2``).
+
+A learnable, zero-initialised embedding with one row per text position is added to the text encoder's output
+before the deep-fusion head; every other parameter is frozen, so only the prompt trains (official lr 0.05,
+weight decay 0.25). At initialisation the model is exactly the pretrained one (the prompt is zero).
+
+Official ↔ glip_pl mapping
+--------------------------
+The official model holds ``tunable_linear = nn.Linear(768, 1000, bias=False)`` with its weight filled with 0, and
+in ``GeneralizedVLRCNN.forward`` adds ``tunable_linear.weight[:T]`` (rows = text positions, shape (1000, 768))
+to both ``language_dict_features["embedded"]`` and ``["hidden"]`` — both are BERT's last-layer output, which in
+glip_pl is the single tensor ``GLIP.encode_text`` returns. glip_pl keeps only the rows a prompt can reach:
+
+    glip_pl ``prompt.weight``  (max_text_len, text width) = (256, 768) for GLIP-T/L
+    official ``tunable_linear.weight``  (1000, 768); rows 256..999 are never used (prompts stop at 256 tokens)
+
+``official_to_prompt`` / ``prompt_to_official`` convert between the two (slice / zero-pad). The row for position
+t is added to every prompt's token t, padding included (the head masks padding), as the official code does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .types import GLIPInputError
+
+PROMPT_KEY = "prompt.weight"  # the only trainable tensor of a prompt-tuned GLIP
+OFFICIAL_KEY = "tunable_linear.weight"
+OFFICIAL_ROWS = 1000
+
+
+class PromptEmbedding(nn.Module):
+    """A (max_text_len, dim) table added position-wise to the text features (B, T, dim), T ≤ max_text_len."""
+
+    def __init__(self, max_text_len: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max_text_len, dim))
+
+    def forward(self, text_features: Tensor) -> Tensor:
+        T = text_features.shape[1]
+        if T > self.weight.shape[0]:
+            raise GLIPInputError(f"prompt of {T} tokens but the tunable prompt has {self.weight.shape[0]} positions")
+        return text_features + self.weight[:T].to(text_features.dtype).unsqueeze(0)
+
+
+def freeze_all_but_prompt(model: nn.Module) -> list:
+    """requires_grad=False for every parameter except ``prompt.*``; returns the names left trainable."""
+    trainable = []
+    for name, p in model.named_parameters():
+        keep = name.startswith("prompt.")
+        p.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    return trainable
+
+
+def official_to_prompt(weight: Tensor, max_text_len: int) -> Tensor:
+    """Official ``tunable_linear.weight`` (1000, D) → glip_pl ``prompt.weight`` (max_text_len, D)."""
+    if weight.dim() != 2 or weight.shape[0] < max_text_len:
+        raise GLIPInputError(f"{OFFICIAL_KEY} of shape {tuple(weight.shape)} has fewer than {max_text_len} rows")
+    return weight[:max_text_len].clone()
+
+
+def prompt_to_official(weight: Tensor, rows: int = OFFICIAL_ROWS) -> Tensor:
+    """glip_pl ``prompt.weight`` (L, D) → official ``tunable_linear.weight`` (1000, D), unused rows zero."""
+    if weight.shape[0] > rows:
+        raise GLIPInputError(f"prompt has {weight.shape[0]} rows, more than the official {rows}")
+    out = weight.new_zeros(rows, weight.shape[1])
+    out[: weight.shape[0]] = weight
+    return out

@@ -1,0 +1,61 @@
+"""``glip-pl import-official`` / ``glip-pl export-official``: released GLIP checkpoints ⇄ glip_pl checkpoints."""
+
+from __future__ import annotations
+
+import sys
+
+
+def _import(args) -> int:
+    from .official import OfficialCheckpointError, import_official
+
+    try:
+        report = import_official(args.src, args.out, args.preset, use_ema=args.ema)
+    except OfficialCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary(limit=args.limit))
+    print(f"wrote {args.out} (preset {args.preset}, official_compat=True{', EMA weights' if args.ema else ''})")
+    return 0
+
+
+def _export(args) -> int:
+    from .official import OfficialCheckpointError, export_official
+
+    try:
+        official = export_official(args.ckpt, args.out, preset=args.preset)
+    except OfficialCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {len(official)} tensors in the official naming (under 'model', prefixed 'module.')")
+    return 0
+
+
+def register(subparsers) -> None:
+    from .model.presets import PRESETS
+
+    p = subparsers.add_parser(
+        "import-official",
+        help="convert a released GLIP checkpoint (GLIP-T, GLIP-L, GLIP-T(A)) into a glip_pl checkpoint",
+        description="Read an official GLIP .pth safely (weights_only), map every tensor onto glip_pl with shape "
+        "checks, print the report (mapped / ignored with reason / missing / unexpected) and write a glip_pl "
+        "checkpoint built with official_compat=True. Anything missing or unexpected outside the documented "
+        "ignore list is an error (docs/official_compat.md).",
+    )
+    p.add_argument("src", help="official checkpoint (.pth)")
+    p.add_argument("out", help="glip_pl checkpoint to write")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="architecture of the checkpoint")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema) instead of model")
+    p.add_argument("--limit", type=int, default=20, help="list at most this many names per problem kind")
+    p.set_defaults(func=_import)
+
+    q = subparsers.add_parser(
+        "export-official",
+        help="write a glip_pl checkpoint in the official GLIP naming (readable by the official code)",
+        description="Write {'model': {'module.' + official name: tensor}} including the buffers the official "
+        "model has (Swin relative_position_index, anchor cell_anchors, the unused cls_logits).",
+    )
+    q.add_argument("ckpt", help="glip_pl checkpoint (from import-official or training)")
+    q.add_argument("out", help="official-layout .pth to write")
+    q.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="only needed when the checkpoint does not record its preset")
+    q.set_defaults(func=_export)

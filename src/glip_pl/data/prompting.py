@@ -1,0 +1,161 @@
+"""Pipeline stages ``prompt`` (sample → caption + phrases) and ``tokenize`` (caption → tokens + phrase maps).
+
+Detection samples become grounding prompts as GLIP trains them (reference §3.1, ``od_to_grounding.py``):
+positive classes shuffled and kept while their ``clean_name(c) + ". "`` tokens fit 254 (boxes of dropped classes are
+removed); then negatives: all ``num_negatives`` (85) with probability ``all_negatives_prob`` (0.5), otherwise a
+uniform count in 1..85, drawn without replacement from the other classes and kept while the budget stays positive;
+everything shuffled and joined with ". " with no trailing separator. The official code can draw "__background__"
+(id 0) as a negative (inferred, reference §3.1); that is off by default here (``include_background``).
+``mode="all"`` gives the evaluation / fine-tuning prompt: every class in id order (§3.3).
+Grounding samples keep their caption; boxes with identical span sets share one phrase (§3.2).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from glip_pl.model.language import tokenize
+from glip_pl.model.prompts import MAX_TEXT_LEN, SEPARATOR, build_detection_prompt, clean_name, spans_to_token_map
+from glip_pl.model.types import GLIPInputError
+
+from .schema import Sample
+
+
+@dataclass
+class PromptConfig:
+    mode: str = "sampled"  # detection prompts: "sampled" (training, §3.1) or "all" (every class in id order, §3.3)
+    num_negatives: int = 85  # RANDOM_SAMPLE_NEG
+    all_negatives_prob: float = 0.5  # CONTROL_PROB[2]
+    max_text_len: int = MAX_TEXT_LEN
+    include_background: bool = False
+    separator: str = SEPARATOR
+
+
+class CategoryTable:
+    """A source's categories with the token cost of each ``clean_name(name) + ". "`` (computed once)."""
+
+    def __init__(self, categories: list, tokenizer, separator: str = SEPARATOR):
+        self.names = {int(c["id"]): c["name"] for c in categories}
+        self.ids = sorted(self.names)
+        self.names.setdefault(0, "background")
+        self.cost = {cid: len(tokenizer(clean_name(n) + separator, add_special_tokens=False)["input_ids"])
+                     for cid, n in self.names.items()}
+
+
+def detection_prompt(sample: Sample, table: CategoryTable, rng: random.Random, cfg: PromptConfig) -> Sample:
+    """Stage ``prompt`` for detection samples (see the module docstring)."""
+    if not table.ids:
+        raise GLIPInputError(f"sample {sample.id}: detection source {sample.source!r} has no categories")
+    cats = [int(c) for c in (sample.category_ids or [])]
+    unknown = sorted(set(cats) - set(table.ids))
+    if unknown:
+        raise GLIPInputError(f"sample {sample.id}: category ids {unknown} are not in the source's categories")
+    budget = cfg.max_text_len - 2  # [CLS] and [SEP]
+    if cfg.mode == "all":
+        order = list(table.ids)
+    elif cfg.mode == "sampled":
+        positives = sorted(set(cats))
+        rng.shuffle(positives)
+        kept, used = [], 0
+        for c in positives:
+            if used + table.cost[c] > budget:
+                break
+            kept.append(c)
+            used += table.cost[c]
+        pool = [c for c in table.ids if c not in set(positives)]
+        if cfg.include_background and 0 not in table.ids:
+            pool.append(0)
+        k = cfg.num_negatives if rng.random() < cfg.all_negatives_prob else rng.randint(1, cfg.num_negatives)
+        negatives, left = [], budget - used
+        for c in rng.sample(pool, min(k, len(pool))):
+            if left - table.cost[c] <= 0:
+                break
+            negatives.append(c)
+            left -= table.cost[c]
+        order = kept + negatives
+        rng.shuffle(order)
+    else:
+        raise ValueError(f"prompt mode must be 'sampled' or 'all', got {cfg.mode!r}")
+    keep = torch.tensor([c in set(order) for c in cats], dtype=torch.bool)
+    if not bool(keep.all()):  # boxes of positive classes that did not fit the token budget
+        sample.boxes = sample.boxes[keep]
+        cats = [c for c, k in zip(cats, keep.tolist()) if k]
+    prompt = build_detection_prompt([table.names[c] for c in order], separator=cfg.separator)
+    pos = {c: i for i, c in enumerate(order)}
+    sample.category_ids = cats
+    sample.caption = prompt.caption
+    sample.phrase_spans = [list(s) for s in prompt.spans]
+    sample.phrase_names = list(prompt.names)
+    sample.phrase_labels = list(order)
+    sample.box_phrases = torch.tensor([pos[c] for c in cats], dtype=torch.long)
+    return sample
+
+
+def grounding_prompt(sample: Sample) -> Sample:
+    """Stage ``prompt`` for grounding / caption samples: one phrase per distinct set of box spans."""
+    phrases, box_phrases = {}, []
+    for spans in sample.spans or []:
+        key = tuple(sorted((int(s), int(e)) for s, e in spans))
+        box_phrases.append(phrases.setdefault(key, len(phrases)))
+    sample.phrase_spans = [list(k) for k in phrases]
+    sample.phrase_labels = list(range(len(phrases)))
+    sample.box_phrases = torch.tensor(box_phrases, dtype=torch.long)
+    sample.phrase_names = phrase_texts(sample.caption, sample.phrase_spans)
+    return sample
+
+
+def phrase_texts(caption: str, phrase_spans: list) -> list:
+    return [" ".join(caption[s:e] for s, e in spans) for spans in phrase_spans]
+
+
+def build_prompt(sample: Sample, table: Optional[CategoryTable], rng: random.Random, cfg: PromptConfig) -> Sample:
+    """Stage ``prompt``: dispatch by kind."""
+    if sample.kind == "detection":
+        return detection_prompt(sample, table, rng, cfg)
+    if not sample.caption:
+        raise GLIPInputError(f"sample {sample.id}: {sample.kind} sample without a caption")
+    return grounding_prompt(sample)
+
+
+def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN) -> Sample:
+    """Stage ``tokenize``: token ids (T,) and the binary phrase → token map (P, T).
+
+    A phrase that maps to no token (its text was truncated past ``max_text_len``, or it is only punctuation) is
+    removed with its boxes, and counted in ``sample.extra["unmapped_phrases"]``.
+    """
+    text, offsets = tokenize(tokenizer, [sample.caption], max_length=max_text_len)
+    ids = text.input_ids[0]
+    T = int(ids.shape[0])
+    where = f"sample {sample.id}"
+    spans = list(sample.phrase_spans or [])
+    try:  # one call for all phrases (the usual case)
+        pmap, keep = spans_to_token_map(sample.caption, spans, offsets[0], T, where=where), list(range(len(spans)))
+    except GLIPInputError:  # some phrase maps to no token: keep the others
+        rows, keep = [], []
+        for p, phrase in enumerate(spans):
+            try:
+                rows.append(spans_to_token_map(sample.caption, [phrase], offsets[0], T, where=where))
+                keep.append(p)
+            except GLIPInputError:  # truncated away (or only punctuation): the phrase cannot be grounded
+                continue
+        pmap = torch.cat(rows) if rows else torch.zeros(0, T)
+    P = len(sample.phrase_spans or [])
+    if len(keep) < P:
+        remap = torch.full((P,), -1, dtype=torch.long)
+        remap[torch.tensor(keep, dtype=torch.long)] = torch.arange(len(keep))
+        new = remap[sample.box_phrases] if len(sample.box_phrases) else sample.box_phrases
+        box_keep = new >= 0
+        sample.boxes, sample.box_phrases = sample.boxes[box_keep], new[box_keep]
+        if sample.category_ids is not None and len(sample.category_ids) == len(box_keep):
+            sample.category_ids = [c for c, k in zip(sample.category_ids, box_keep.tolist()) if k]
+        sample.phrase_spans = [sample.phrase_spans[p] for p in keep]
+        sample.phrase_names = [sample.phrase_names[p] for p in keep]
+        sample.phrase_labels = [sample.phrase_labels[p] for p in keep]
+        sample.extra = dict(sample.extra, unmapped_phrases=P - len(keep))
+    sample.input_ids = ids
+    sample.phrase_map = pmap
+    return sample

@@ -1,0 +1,290 @@
+"""Shard writing: deterministic, parallel, resumable WebDataset tars plus ``index.json``.
+
+Every converter hands ``write_split`` a list of small picklable records and a module-level ``build`` function that
+turns one record into (json record, encoded image bytes, image extension, ``Where``). The writer
+  1. rejects duplicate ids (``duplicate_id``),
+  2. plans shards by a target byte size from each record's ``size_hint`` (so the plan, and the bytes, do not depend
+     on the number of processes),
+  3. builds and validates every sample in worker processes (``schema.validate_record`` + ``probe_image``),
+     writing each shard to a temporary name and renaming it when complete,
+  4. skips shards already finished by an earlier run of the same plan (resume), and
+  5. merges the split's entry (shard counts, error counts, options) into ``<out>/index.json``.
+Tar members carry fixed metadata (mtime 0, uid 0, mode 0644) so the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Optional, Sequence
+
+from .schema import SCHEMA_VERSION, ConversionError, Where, probe_image, validate_record
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_BYTES = 256 * 1024 * 1024  # large enough to amortise opens, small enough to split across workers
+TAR_OVERHEAD = 3 * 512  # two member headers + padding (estimate for planning)
+MAX_LISTED_SKIPS = 100  # ids listed per error code in index.json (all are counted)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def plan_shards(size_hints: Sequence[int], target_bytes: int, max_count: Optional[int] = None) -> list:
+    """Cut consecutive records into shards: a shard closes once it reaches ``target_bytes`` or ``max_count``."""
+    plan, cur, size = [], [], 0
+    for i, s in enumerate(size_hints):
+        cur.append(i)
+        size += int(s) + TAR_OVERHEAD
+        if size >= target_bytes or (max_count is not None and len(cur) >= max_count):
+            plan.append(cur)
+            cur, size = [], 0
+    if cur:
+        plan.append(cur)
+    return plan
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(job: dict) -> dict:
+    """Build, validate and write one shard (runs in a worker process). Returns its stats."""
+    out_dir, name, build = job["out_dir"], job["name"], job["build"]
+    final = os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
+    stats = {"name": name, "count": 0, "skipped": {}, "skipped_ids": {}, "clipped_boxes": 0}
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for index, record in zip(job["indices"], job["records"]):
+                    try:
+                        rec, image, ext, where, image_path = build(record)
+                        w, h, _ = probe_image(image, where, image_path, job["verify"])
+                        if rec.get("width") is None or rec.get("height") is None:
+                            rec["width"], rec["height"] = w, h
+                        elif (rec["width"], rec["height"]) != (w, h):
+                            raise where.error("image_size_mismatch", "width/height",
+                                              f"annotation says {rec['width']}x{rec['height']} but the image "
+                                              f"{image_path} is {w}x{h}")
+                        stats["clipped_boxes"] += validate_record(rec, where, job["clip_tolerance"])
+                    except ConversionError as e:
+                        if job["on_error"] != "skip":
+                            raise
+                        stats["skipped"][e.code] = stats["skipped"].get(e.code, 0) + 1
+                        stats["skipped_ids"].setdefault(e.code, []).append(str(record.get("id")))
+                        continue
+                    rec["schema"], rec["image"] = SCHEMA_VERSION, ext
+                    key = f"{index:09d}"
+                    _add_member(tar, f"{key}.{ext}", image)
+                    _add_member(tar, f"{key}.json", dumps(rec).encode("utf-8"))
+                    stats["count"] += 1
+        stats["bytes"] = os.path.getsize(tmp)
+        with open(_stats_path(out_dir, name) + ".tmp", "w") as f:
+            json.dump(stats, f)
+        os.replace(_stats_path(out_dir, name) + ".tmp", _stats_path(out_dir, name))
+        os.replace(tmp, final)  # the shard exists under its final name only when complete
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return stats
+
+
+def _stats_path(out_dir: str, name: str) -> str:
+    return os.path.join(out_dir, f".{name}.stats.json")
+
+
+def read_index(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "index.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_index(out_dir: str, index: dict) -> None:
+    path = os.path.join(out_dir, "index.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def check_duplicate_ids(records: list, file: str, on_error: str) -> tuple:
+    """Keep the first record of each id; a repeat is ``duplicate_id`` (raised, or skipped and counted)."""
+    seen, kept, skipped = set(), [], []
+    for r in records:
+        rid = str(r["id"])
+        if rid in seen:
+            if on_error != "skip":
+                raise ConversionError("duplicate_id", file, rid, "id", f"id {rid!r} appears more than once")
+            skipped.append(rid)
+            continue
+        seen.add(rid)
+        kept.append(r)
+    return kept, skipped
+
+
+def write_split(
+    out_dir: str,
+    split: str,
+    records: list,
+    build: Callable,
+    *,
+    source: str,
+    kind: str,
+    source_file: str = "",
+    categories: Optional[list] = None,
+    options: Optional[dict] = None,
+    target_bytes: int = DEFAULT_TARGET_BYTES,
+    max_count: Optional[int] = None,
+    num_workers: Optional[int] = None,
+    on_error: str = "raise",
+    verify: str = "full",
+    clip_tolerance: float = 1.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    pre_skipped: Optional[dict] = None,
+) -> dict:
+    """Write ``records`` as ``<out_dir>/<split>-%06d.tar`` and merge the split into ``index.json``.
+
+    ``pre_skipped`` are error counts ({code: [ids]}) the converter already skipped while reading its input
+    (e.g. crowd boxes are not errors and are reported in ``options``/``dropped``). Returns the split's index entry.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    records, dup = check_duplicate_ids(records, source_file, on_error)
+    skipped_ids = {k: list(v) for k, v in (pre_skipped or {}).items()}
+    if dup:
+        skipped_ids.setdefault("duplicate_id", []).extend(dup)
+    plan = plan_shards([r.get("size_hint", 0) for r in records], target_bytes, max_count)
+    options = dict(options or {})
+    options.update(on_error=on_error, verify=verify, clip_tolerance=clip_tolerance, target_bytes=target_bytes,
+                   max_count=max_count)
+    h = hashlib.sha256(dumps({"schema": SCHEMA_VERSION, "options": options, "source": source, "kind": kind,
+                              "plan": [[str(records[i]["id"]) for i in s] for s in plan]}).encode())
+    plan_hash = h.hexdigest()
+    names = [shard_name(split, i) for i in range(len(plan))]
+
+    index = read_index(out_dir)
+    entry = (index.get("splits") or {}).get(split)
+    plan_file = os.path.join(out_dir, f".{split}.plan")
+    existing = sorted(n for n in os.listdir(out_dir) if n.startswith(f"{split}-") and n.endswith(".tar"))
+    if not overwrite and entry and entry.get("plan_hash") == plan_hash and all(
+            os.path.exists(os.path.join(out_dir, n)) for n in names):
+        log.info("%s/%s: up to date (%d shards)", out_dir, split, len(names))
+        return entry
+    same_plan = os.path.exists(plan_file) and open(plan_file).read().strip() == plan_hash
+    if existing and not same_plan:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out_dir} already holds {split} shards from a different conversion (other input or options); "
+                "pass --overwrite to replace them")
+        for n in os.listdir(out_dir):
+            if n.startswith(f"{split}-") or n.startswith(f".{split}-"):
+                os.remove(os.path.join(out_dir, n))
+    with open(plan_file, "w") as f:
+        f.write(plan_hash + "\n")
+    for n in os.listdir(out_dir):  # temporaries of an interrupted run
+        if n.startswith(f".{split}-") and ".tmp" in n:
+            os.remove(os.path.join(out_dir, n))
+
+    jobs, stats = [], {}
+    for name, idx in zip(names, plan):
+        sp = _stats_path(out_dir, name)
+        if os.path.exists(os.path.join(out_dir, name)) and os.path.exists(sp):
+            with open(sp) as f:
+                stats[name] = json.load(f)  # finished by an earlier run: resume skips it
+            continue
+        jobs.append(dict(out_dir=out_dir, name=name, indices=idx, records=[records[i] for i in idx], build=build,
+                         on_error=on_error, verify=verify, clip_tolerance=clip_tolerance))
+    if stats:
+        log.info("%s/%s: resuming, %d of %d shards already written", out_dir, split, len(stats), len(names))
+    _run_jobs(jobs, stats, num_workers, progress, desc=f"{source}/{split}")
+
+    skipped = {}
+    for name in names:
+        for code, ids in stats[name]["skipped_ids"].items():
+            skipped_ids.setdefault(code, []).extend(ids)
+    for code, ids in skipped_ids.items():
+        skipped[code] = len(ids)
+    entry = {
+        "shards": [{"name": n, "count": stats[n]["count"], "bytes": stats[n]["bytes"]} for n in names],
+        "count": sum(stats[n]["count"] for n in names),
+        "bytes": sum(stats[n]["bytes"] for n in names),
+        "skipped": skipped,
+        "skipped_total": sum(skipped.values()),
+        "skipped_ids": {k: v[:MAX_LISTED_SKIPS] for k, v in skipped_ids.items()},
+        "clipped_boxes": sum(stats[n]["clipped_boxes"] for n in names),
+        "options": options,
+        "plan_hash": plan_hash,
+        "source_file": str(source_file),
+    }
+    index = read_index(out_dir)  # re-read: another split may have been written meanwhile
+    index.update(schema_version=SCHEMA_VERSION, source=source, kind=kind)
+    if categories is not None:
+        index["categories"] = categories
+    index.setdefault("splits", {})[split] = entry
+    _write_index(out_dir, index)
+    for n in names:
+        os.remove(_stats_path(out_dir, n))
+    os.remove(plan_file)
+    if entry["skipped_total"]:
+        log.warning("%s/%s: skipped %d records: %s", out_dir, split, entry["skipped_total"], skipped)
+    return entry
+
+
+def _run_jobs(jobs: list, stats: dict, num_workers: Optional[int], progress: bool, desc: str) -> None:
+    from tqdm import tqdm
+
+    total = sum(len(j["records"]) for j in jobs)
+    n = min(num_workers or os.cpu_count() or 1, max(len(jobs), 1))
+    with tqdm(total=total, desc=desc, unit="sample", disable=not progress or not jobs) as bar:
+        if n <= 1:
+            for job in jobs:
+                stats[job["name"]] = _write_shard(job)
+                bar.update(len(job["records"]))
+            return
+        ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+            futures = {pool.submit(_write_shard, job): job for job in jobs}
+            try:
+                for fut in as_completed(futures):
+                    st = fut.result()  # re-raises a worker's ConversionError with its fields
+                    stats[st["name"]] = st
+                    bar.update(len(futures[fut]["records"]))
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+
+def build_in_memory(record: dict):
+    """Build function for records that already hold their image bytes (see ``write_samples``)."""
+    rec = json.loads(json.dumps(record["json"]))
+    where = Where(file=record.get("file", "<memory>"), record=f"id {record['id']}",
+                  box_fields=record.get("box_fields"))
+    return rec, record["image"], record.get("ext", "jpg"), where, record.get("file", "<memory>")
+
+
+def write_samples(out_dir: str, split: str, samples: list, *, source: str, kind: str, **kw) -> dict:
+    """Write samples held in memory — each {"json": stored record, "image": encoded bytes, "ext": "jpg"} — with
+    the same validation, sharding and index as the converters (e.g. pseudo-labelled captions: kind "grounding"
+    with ``scores`` and ``provenance``)."""
+    records = [{"id": str(s["json"]["id"]), "json": s["json"], "image": s["image"], "ext": s.get("ext", "jpg"),
+                "size_hint": len(s["image"]) + 512} for s in samples]
+    return write_split(out_dir, split, records, build_in_memory, source=source, kind=kind, **kw)

@@ -1,0 +1,1 @@
+"""glip_pl.lit: the Lightning training shell (module, data module, callbacks, CLI)."""

@@ -1,0 +1,265 @@
+"""Training callbacks: throughput and data-wait timing, EMA, gradient norm, W&B validation images, batch trace."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs step time split into data wait (loader) and compute, images/s and peak GPU memory."""
+
+    def __init__(self, log_every_n_steps: int = 10):
+        self.every = log_every_n_steps
+        self._end: Optional[float] = None
+        self._start: Optional[float] = None
+        self.data_wait = 0.0
+        self.compute = 0.0
+        self.images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self._end is not None:
+            self.data_wait += now - self._end
+        self._start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._start is not None:
+            self.compute += now - self._start
+        self._end = now
+        self.images += len(batch)
+        if trainer.global_step % self.every == 0 and self.compute > 0:
+            total = self.data_wait + self.compute
+            metrics = {
+                "perf/data_wait_s": self.data_wait,
+                "perf/compute_s": self.compute,
+                "perf/data_wait_fraction": self.data_wait / total,
+                "perf/images_per_s": self.images / total,
+            }
+            if torch.cuda.is_available():
+                metrics["perf/gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            pl_module.log_dict(metrics, rank_zero_only=True)
+            self.data_wait = self.compute = 0.0
+            self.images = 0
+
+
+class EMA(EMAWeightAveraging):
+    """Official MODEL_EMA 0.999 over parameters and buffers, updated every step (Lightning's EMA callback)."""
+
+    def __init__(self, decay: float = 0.999, **kwargs):
+        super().__init__(decay=decay, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient norm
+
+
+class GradNormMonitor(L.Callback):
+    """Logs the total 2-norm of the gradients (``grad/norm_total``) every ``every_n_steps`` optimizer steps.
+
+    Taken in ``on_before_optimizer_step``: after the backward pass (and, under DDP, after the gradient all-reduce, so
+    every rank sees the same value) and before clipping — the norm the clipping threshold is compared with.
+    ``per_group``: also one norm per optimizer parameter group (``grad/norm_<group name>``).
+    """
+
+    def __init__(self, every_n_steps: int = 1, per_group: bool = True):
+        self.every = max(int(every_n_steps), 1)
+        self.per_group = per_group
+        self.last_norm: Optional[float] = None
+
+    @staticmethod
+    def total_norm(params) -> Tensor:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step % self.every:
+            return
+        total = self.total_norm(pl_module.parameters())
+        self.last_norm = float(total)
+        metrics = {"grad/norm_total": total}
+        if self.per_group:
+            for i, group in enumerate(optimizer.param_groups):
+                metrics[f"grad/norm_{group.get('name', i)}"] = self.total_norm(group["params"])
+        pl_module.log_dict(metrics, rank_zero_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation images with boxes and phrases (W&B)
+
+
+def wandb_boxes(boxes, phrases, scores=None, max_boxes: int = 50) -> dict:
+    """W&B ``boxes`` group: pixel boxes (x1, y1, x2, y2) with their phrase as caption and class.
+
+    ``class_labels`` maps an id per distinct phrase to its text (W&B's legend); ``scores`` (optional) go in the box's
+    ``scores`` and caption so the UI can filter by score.
+    """
+    names = sorted(set(phrases))
+    ids = {p: i for i, p in enumerate(names)}
+    data = []
+    for k, (box, phrase) in enumerate(zip(list(boxes)[:max_boxes], phrases)):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        item = {"position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
+                "class_id": ids[phrase], "box_caption": phrase}
+        if scores is not None:
+            s = float(scores[k])
+            item["scores"] = {"score": s}
+            item["box_caption"] = f"{phrase} {s:.2f}"
+        data.append(item)
+    return {"box_data": data, "class_labels": {i: p for p, i in ids.items()}}
+
+
+def validation_image_panels(batch, detections, max_images: int = 4, score_thresh: float = 0.1,
+                            max_boxes: int = 50) -> list:
+    """One panel per image of a validation batch: the network input (content only, HWC uint8), the true boxes and
+    phrases, and the predicted ones (score ≥ ``score_thresh``), all in the input image's pixels.
+
+    ``detections`` are the model's ``Detections`` (boxes in original pixels, rescaled here to the input's size);
+    true boxes are ``batch.targets.boxes`` (input pixels) and their phrases ``phrase_names[b][box_phrases[b]]``.
+    """
+    panels = []
+    for b, det in enumerate(list(detections)[:max_images]):
+        h, w = (int(v) for v in batch.image_sizes[b].tolist())
+        oh, ow = (int(v) for v in batch.orig_sizes[b].tolist())
+        image = batch.images[b, :, :h, :w].detach().cpu().permute(1, 2, 0).contiguous().numpy()
+        names = list(batch.phrase_names[b]) or [str(i) for i in range(int(batch.phrase_maps[b].shape[0]))]
+        valid = batch.targets.valid[b].detach().cpu()
+        gt_boxes = batch.targets.boxes[b].detach().cpu()[valid].tolist()
+        gt_phr = [names[int(p)] for p in batch.box_phrases[b].detach().cpu().tolist()][: len(gt_boxes)]
+        keep = det.scores.detach().cpu() >= score_thresh
+        scale = torch.tensor([w / ow, h / oh, w / ow, h / oh])
+        pr_boxes = (det.boxes.detach().float().cpu()[keep] * scale).tolist()
+        pr_scores = det.scores.detach().float().cpu()[keep].tolist()
+        pr_phr = [names[int(p)] if int(p) < len(names) else str(int(p)) for p in det.labels.detach().cpu()[keep].tolist()]
+        panels.append({
+            "id": str(batch.ids[b]) if b < len(batch.ids) else str(b),
+            "image": image,
+            "caption": batch.captions[b] if b < len(batch.captions) and batch.captions[b] else "",
+            "boxes": {"ground_truth": wandb_boxes(gt_boxes, gt_phr, max_boxes=max_boxes),
+                      "predictions": wandb_boxes(pr_boxes, pr_phr, pr_scores, max_boxes=max_boxes)},
+        })
+    return panels
+
+
+class ValidationImageLogger(L.Callback):
+    """Every ``every_n_val_steps`` validation batches, logs up to ``max_images`` images of that batch to W&B with
+    predicted and true boxes and their phrases (key ``val/examples``), at most ``max_per_epoch`` per validation run.
+
+    Rank 0 only (other ranks' images are not gathered); a no-op without a ``WandbLogger``. ``validation_step`` must
+    return the batch's list of ``Detections`` (``GLIPLitModule`` does).
+    """
+
+    def __init__(self, every_n_val_steps: int = 10, max_images: int = 2, max_per_epoch: int = 8,
+                 score_thresh: float = 0.1, max_boxes: int = 50, key: str = "val/examples"):
+        self.every = max(int(every_n_val_steps), 1)
+        self.max_images, self.max_per_epoch = max_images, max_per_epoch
+        self.score_thresh, self.max_boxes, self.key = score_thresh, max_boxes, key
+        self._logged = 0
+        self.logged_total = 0
+
+    @staticmethod
+    def _wandb_logger(trainer):
+        from lightning.pytorch.loggers import WandbLogger
+
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self._logged = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.is_global_zero or trainer.sanity_checking or batch_idx % self.every:
+            return
+        if self._logged >= self.max_per_epoch or not outputs:
+            return
+        logger = self._wandb_logger(trainer)
+        if logger is None:
+            return
+        n = min(self.max_images, self.max_per_epoch - self._logged)
+        panels = validation_image_panels(batch, outputs, n, self.score_thresh, self.max_boxes)
+        if not panels:
+            return
+        logger.log_image(
+            key=self.key, images=[p["image"] for p in panels], step=trainer.global_step,
+            boxes=[p["boxes"] for p in panels],
+            caption=[f"{p['id']}: {p['caption']}"[:200] for p in panels],
+        )
+        self._logged += len(panels)
+        self.logged_total += len(panels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch trace (tests and debugging of data sharding)
+
+
+def disable_dropout(module: torch.nn.Module) -> int:
+    """Set every dropout probability to 0: ``nn.Dropout`` modules and the float ``dropout`` attributes that the
+    fused-attention modules pass to ``scaled_dot_product_attention`` (text layer, fusion). Returns how many."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p, n = 0.0, n + 1
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout, n = 0.0, n + 1
+    return n
+
+
+class BatchTrace(L.Callback):
+    """Appends one JSON line per training batch to ``<out_dir>/batches-rank<R>.jsonl``: global rank, world size,
+    node rank, global step, sample ids, sources, and the rank's loss; a record of which samples each rank read.
+
+    ``dump_first_batch``: also ``torch.save`` the first batch each rank trains on, its loss and (after the backward
+    pass and the DDP all-reduce) the total gradient norm and the weights before the first update to
+    ``<out_dir>/first-rank<R>.pt`` — what a single-process run on the same global batch is compared with.
+    ``disable_dropout``: set every ``nn.Dropout`` to p=0 at the start of fit (the text encoder's dropout draws
+    different masks for a batch of 2b than for two batches of b, so an exact comparison needs it off).
+    """
+
+    def __init__(self, out_dir: str, dump_first_batch: bool = False, disable_dropout: bool = False):
+        self.out_dir = out_dir
+        self.dump_first_batch = dump_first_batch
+        self.disable_dropout = disable_dropout
+        self._first: Optional[dict] = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.disable_dropout:
+            disable_dropout(pl_module)
+
+    def _path(self, trainer, stem: str, ext: str):
+        from pathlib import Path
+
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        return Path(self.out_dir) / f"{stem}-rank{trainer.global_rank}.{ext}"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.dump_first_batch and self._first is None and not trainer.global_step:
+            self._first = {"batch": batch, "state_dict": {k: v.detach().clone()
+                                                          for k, v in pl_module.state_dict().items()}}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import json
+
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        rec = {"rank": trainer.global_rank, "world_size": trainer.world_size, "node_rank": trainer.node_rank,
+               "global_step": trainer.global_step, "ids": list(map(str, batch.ids)),
+               "sources": list(map(str, batch.sources)),
+               "loss": None if loss is None else float(loss.detach())}
+        with open(self._path(trainer, "batches", "jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._first is not None and not self._first.get("saved"):
+            # on_before_optimizer_step ran inside this step: loss, weights before the update and grads are known
+            self._first.update(loss=rec["loss"], saved=True)
+            torch.save({k: v for k, v in self._first.items() if k != "saved"}, self._path(trainer, "first", "pt"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._first is not None and "grad_norm" not in self._first:
+            self._first["grad_norm"] = float(GradNormMonitor.total_norm(pl_module.parameters()))
+            self._first["grads"] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
+                                    if p.grad is not None}

@@ -1,0 +1,249 @@
+"""Checkpoints that survive preemption: atomic writes, validity checks at resume, keep-last-K, signal handling.
+
+* ``AtomicModelCheckpoint`` (a ``ModelCheckpoint``): every file is written under ``<name>.tmp`` and renamed only
+  after ``trainer.save_checkpoint`` returned on every rank (it ends with a barrier) — a job killed mid-write
+  leaves a ``.tmp`` and the previous checkpoint intact; ``keep_last`` keeps the newest K step checkpoints
+  (besides ``last.ckpt``).
+* ``find_resume_checkpoint``: the newest checkpoint in a directory that loads (zip intact, ``torch.load`` with
+  ``weights_only=True``); a truncated or half-written one is skipped with a warning naming it.
+* ``PreemptionCheckpoint``: a callback that catches SIGTERM and SIGUSR1 (Slurm's preemption/time-limit warning,
+  ``#SBATCH --signal=USR1@90``), and at the next step boundary — agreed on by all ranks — writes ``last.ckpt``
+  and stops cleanly. We install our own handler rather than rely on Lightning's: Lightning's SIGUSR1 handler
+  exists only under ``SLURMEnvironment(auto_requeue=True)`` and its SIGTERM handler stops without saving. Under
+  Slurm (``SLURM_JOB_ID`` set) rank 0 then requeues the job (``scontrol requeue``) unless ``requeue=False``; the
+  requeued job auto-resumes (``glip-pl fit`` picks the newest valid checkpoint).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+import zipfile
+from typing import Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+
+# --------------------------------------------------------------------------------------------------- validity
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None when ``path`` is a loadable Lightning checkpoint, else why not (truncated, not a zip, ...)."""
+    if os.path.isdir(path):  # sharded (DeepSpeed/FSDP) checkpoints: a directory, complete once renamed
+        return None if os.listdir(path) else "empty checkpoint directory"
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as z:  # torch.save's format; the central directory is written last
+            z.namelist()
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # BadZipFile, RuntimeError (truncated records), UnpicklingError, OSError
+        return f"{type(e).__name__}: {e}"
+    if not isinstance(ck, dict) or "state_dict" not in ck or "global_step" not in ck:
+        return "not a Lightning training checkpoint (no state_dict/global_step)"
+    return None
+
+
+def find_resume_checkpoint(dirpath: str, verbose: bool = True) -> Optional[str]:
+    """The newest valid ``*.ckpt`` in ``dirpath`` (``last.ckpt`` first among equals), or None.
+
+    Invalid ones (a write cut by the kill, a disk that filled up) are reported and passed over, so a requeued
+    job falls back to the previous checkpoint instead of crashing on ``last.ckpt``.
+    """
+    if not dirpath or not os.path.isdir(dirpath):
+        return None
+    cands = [p for p in glob.glob(os.path.join(dirpath, "*.ckpt"))]
+    cands.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p) == "last.ckpt"), reverse=True)
+    for p in cands:
+        why = checkpoint_problem(p)
+        if why is None:
+            return p
+        msg = f"[glip_pl] skipping invalid checkpoint {p} ({why}); falling back to the previous one"
+        warnings.warn(msg, stacklevel=2)
+        if verbose:
+            print(msg, file=sys.stderr)
+    return None
+
+
+def _fsync(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _replace(tmp: str, final: str) -> None:
+    """Rename ``tmp`` over ``final`` (files atomically; a directory by swapping it in)."""
+    if os.path.isdir(tmp):
+        old = final + ".old"
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        _fsync(tmp)
+        os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
+
+
+# --------------------------------------------------------------------------------------------------- atomic writes
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose files appear complete or not at all; ``keep_last`` newest step checkpoints kept.
+
+    ``keep_last`` (None: keep what ``save_top_k`` keeps) prunes the oldest ``*.ckpt`` of ``dirpath`` other than
+    ``last.ckpt`` after each save — Lightning refuses ``save_top_k > 1`` without a monitored metric.
+    """
+
+    def __init__(self, *args, keep_last: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.keep_last = keep_last
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        tmp = filepath + ".tmp"
+        if trainer.is_global_zero and os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank; ends with a barrier
+        if trainer.is_global_zero:
+            _replace(tmp, filepath)
+        trainer.strategy.barrier("AtomicModelCheckpoint.rename")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            self._prune()
+            from weakref import proxy
+
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The final step is always in ``last.ckpt`` (not only the last multiple of ``every_n_train_steps``)."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not trainer.sanity_checking:
+            self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+            self._save_checkpoint(trainer, self.last_model_path)
+
+    def _prune(self) -> None:
+        if not self.keep_last or not self.dirpath:
+            return
+        last = self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        steps = [p for p in glob.glob(os.path.join(self.dirpath, "*" + self.FILE_EXTENSION))
+                 if os.path.basename(p) != last]
+        steps.sort(key=os.path.getmtime)
+        for p in steps[: max(len(steps) - self.keep_last, 0)]:
+            if p == self.best_model_path:
+                continue
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            self.best_k_models.pop(p, None)
+
+
+def atomic_save(trainer, filepath: str) -> None:
+    """``trainer.save_checkpoint`` through a temporary name (for saves outside a ModelCheckpoint)."""
+    tmp = filepath + ".tmp"
+    trainer.save_checkpoint(tmp)
+    if trainer.is_global_zero:
+        _replace(tmp, filepath)
+    trainer.strategy.barrier("atomic_save")
+
+
+# --------------------------------------------------------------------------------------------------- preemption
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM/SIGUSR1: finish the current step, write ``last.ckpt`` (atomically), stop; requeue under Slurm.
+
+    All ranks decide together (a max-reduce of the flag each step), so a signal that reaches one node first
+    still gives one consistent checkpoint. DataLoader workers forked from the trainer keep the default action.
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):
+        self.signals = [getattr(signal, s) if isinstance(s, str) else signal.Signals(s) for s in signals]
+        self.requeue = requeue
+        self.received: Optional[int] = None
+        self._pid: Optional[int] = None
+        self._previous: dict = {}
+        self.saved_path: Optional[str] = None
+
+    # -- handlers
+    def _handler(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked data worker: behave as if we were not here
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.received is None:
+            print(f"[glip_pl] received {signal.Signals(signum).name}: checkpointing at the end of this step",
+                  file=sys.stderr, flush=True)
+        self.received = int(signum)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._pid = os.getpid()
+        for s in self.signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook runner): nothing to install
+                pass
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for s, h in self._previous.items():
+            try:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
+        self._previous = {}
+
+    # -- the step boundary
+    def _agreed(self, trainer) -> bool:
+        flag = self.received is not None
+        if trainer.world_size > 1:
+            t = torch.tensor(float(flag), device=trainer.strategy.root_device)
+            flag = bool(trainer.strategy.reduce(t, reduce_op="max") > 0)
+        return flag
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._agreed(trainer):
+            return
+        path = self.last_path(trainer)
+        ck = next((c for c in trainer.checkpoint_callbacks if isinstance(c, AtomicModelCheckpoint)), None)
+        if ck is not None:
+            # set first: the callback's state is saved inside this checkpoint, and a resumed ModelCheckpoint would
+            # otherwise see last.ckpt as somebody else's file and write last-v1.ckpt
+            ck.last_model_path = path
+            ck._save_checkpoint(trainer, path)
+        else:
+            atomic_save(trainer, path)
+        self.saved_path = path
+        name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        if trainer.is_global_zero:
+            print(f"[glip_pl] preempted ({name}) after step {trainer.global_step}: saved {path}; "
+                  f"run the same command again to resume", file=sys.stderr, flush=True)
+            self._requeue()
+        trainer.should_stop = True
+
+    @staticmethod
+    def last_path(trainer) -> str:
+        ck = trainer.checkpoint_callback
+        d = getattr(ck, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        os.makedirs(d, exist_ok=True)
+        return os.path.join(d, "last.ckpt")
+
+    def _requeue(self) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if not self.requeue or not job:
+            return
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+        try:
+            r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            print(f"[glip_pl] scontrol requeue {job}: rc {r.returncode} {r.stderr.strip()}", file=sys.stderr)
+        except (OSError, subprocess.SubprocessError) as e:
+            print(f"[glip_pl] could not requeue Slurm job {job}: {e}", file=sys.stderr)

@@ -1,0 +1,39 @@
+"""Box AP of a validation epoch: per-image ground truth and detections → COCO dicts → ``evaluate_coco``."""
+
+from __future__ import annotations
+
+
+def box_ap(gt: list, dt: list, verbose: bool = False) -> dict:
+    """gt: [(image_key, (h, w), boxes xyxy, category ids)], dt: [(image_key, boxes xyxy, scores, category ids)].
+
+    Every image is counted once (the first occurrence of its key), so sampler padding or a repeated shard cannot
+    inflate the metric. Returns the 12 COCO metrics (AP, AP50, ...).
+    """
+    from glip_pl.eval.coco import evaluate_coco
+
+    ids: dict = {}
+    images, anns, cats = [], [], set()
+    for key, (h, w), boxes, labels in gt:
+        if key in ids:
+            continue
+        ids[key] = len(ids) + 1
+        images.append({"id": ids[key], "width": int(w), "height": int(h), "file_name": str(key)})
+        for (x1, y1, x2, y2), c in zip(boxes, labels):
+            anns.append({"id": len(anns) + 1, "image_id": ids[key], "category_id": int(c), "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+            cats.add(int(c))
+    seen, dets = set(), []
+    for key, boxes, scores, labels in dt:
+        if key in seen or key not in ids:
+            continue
+        seen.add(key)
+        for (x1, y1, x2, y2), s, c in zip(boxes, scores, labels):
+            cats.add(int(c))
+            dets.append({"image_id": ids[key], "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                         "score": float(s)})
+    gt_dict = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
+    if not dets:
+        from glip_pl.eval.coco import METRIC_NAMES
+
+        return {k: 0.0 for k in METRIC_NAMES}
+    return evaluate_coco(gt_dict, dets, verbose=verbose, validate=True)

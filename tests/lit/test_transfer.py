@@ -1,0 +1,180 @@
+"""Transfer (issue 5): starting from one tiny checkpoint pre-trained through the CLI on synthetic detection +
+grounding, a small full fine-tune (all-class prompts, no negatives) and a prompt-tuning run (only the zero-init
+prompt trains) both lower the loss on the synthetic val split; their box AP before and after is printed.
+
+"Before" is measured by the same evaluator on the same val batches: each run validates before its first step
+(Lightning's sanity pass with ``num_sanity_val_steps == limit_val_batches``) and after its last.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+VAL_BATCHES = 8  # 16 of the 32 val images
+AP_LINE = re.compile(r"\[glip_pl\] step (\d+): val box AP ([0-9.]+)")
+
+
+def recipe(tmp: Path, name: str, shards: str, *, steps: int, model: dict, train: list, val_first: bool,
+           validate: bool = True) -> Path:
+    run = tmp / name
+    cfg = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 5,
+            "val_check_interval": steps, "check_val_every_n_epoch": None, "limit_val_batches": VAL_BATCHES if validate else 0,
+            "num_sanity_val_steps": VAL_BATCHES if val_first else 0, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(run), "logger": False,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0}}],
+        },
+        "model": model,
+        "data": {
+            "train": train, "val": [{"urls": f"{shards}/detection", "split": "val"}], "batch_size": 2,
+            "num_workers": 1, "train_min_sizes": [128], "train_max_size": 160, "val_size": 128, "val_max_size": 160,
+            "num_negatives": 4,
+        },
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def fit(cfg: Path, timeout=600, validate=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    r = subprocess.run([sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    aps = [(int(s), float(a)) for s, a in AP_LINE.findall(r.stdout)]
+    assert aps or not validate, r.stdout[-2000:]
+    return aps, cfg.parent / cfg.stem / "checkpoints" / "last.ckpt"
+
+
+PRETRAIN_STEPS, FINETUNE_STEPS, PROMPT_STEPS = 60, 20, 20
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, synthetic_shards):
+    """A tiny model pre-trained through the CLI on synthetic detection (sampled prompts with negatives) + grounding."""
+    tmp = tmp_path_factory.mktemp("transfer")
+    cfg = recipe(tmp, "pretrain", synthetic_shards, steps=PRETRAIN_STEPS, val_first=False, validate=False,
+                 model={"preset": "tiny", "lr": 2e-3, "lang_lr": 2e-3, "warmup_steps": 5, "schedule": "constant"},
+                 train=[{"urls": f"{synthetic_shards}/detection"}, {"urls": f"{synthetic_shards}/grounding"}])
+    _, ckpt = fit(cfg, validate=False)  # its AP is measured by each transfer run's first validation
+    assert torch.load(ckpt, weights_only=True)["global_step"] == PRETRAIN_STEPS
+    return tmp, ckpt
+
+
+def transfer_run(pretrained, shards, name, steps, model):
+    tmp, ckpt = pretrained
+    cfg = recipe(tmp, name, shards, steps=steps, val_first=True,
+                 model={"preset": "tiny", "init_weights": str(ckpt), "warmup_steps": 0, "schedule": "constant", **model},
+                 train=[{"urls": f"{shards}/detection", "prompt_mode": "all"}])  # fine-tune prompt: all classes, no negatives
+    aps, last = fit(cfg)
+    (s0, before), (s1, after) = aps[0], aps[-1]
+    assert (s0, s1) == (0, steps), aps
+    print(f"{name}: val box AP {before:.3f} -> {after:.3f}")
+    return before, after, last
+
+
+def state(path):
+    return {k[len("model."):]: v for k, v in torch.load(path, weights_only=True)["state_dict"].items()}
+
+
+def test_full_finetune_lowers_val_loss(pretrained, synthetic_shards):
+    """A full fine-tune with the all-class prompt lowers the held-out loss under that prompt. AP is reported, not
+    asserted: at this budget (AP 0.01-0.04) it is noise — the same run measured 0.034 -> 0.040 on one CPU and
+    0.040 -> 0.025 on another, and 0.013 -> 0.027 with another seed; float rounding differs between CPUs and 80
+    steps amplify it. The demo (400 steps) is where AP is a signal."""
+    before, after, last = transfer_run(pretrained, synthetic_shards, "finetune", FINETUNE_STEPS,
+                                       {"lr": 1e-3, "lang_lr": 1e-3})
+    start, end = state(pretrained[1]), state(last)
+    assert set(start) == set(end) and any(not torch.equal(start[k], end[k]) for k in start)
+    loss0, loss1 = val_loss(pretrained[1], synthetic_shards, False), val_loss(last, synthetic_shards, False)
+    print(f"finetune: val loss {loss0:.4f} -> {loss1:.4f}, val box AP {before:.3f} -> {after:.3f}")
+    assert loss1 < loss0
+
+
+def val_loss(ckpt, shards, prompt_tuning):
+    """Mean total loss of a checkpoint on all 32 synthetic val images with the all-class prompt (eval mode)."""
+    from glip_pl.lit.datamodule import GroundingDataModule
+    from glip_pl.model import build_glip
+
+    dm = GroundingDataModule(val=[{"urls": f"{shards}/detection", "split": "val"}], batch_size=2, num_workers=0,
+                             val_size=128, val_max_size=160)
+    model = build_glip("tiny", prompt_tuning=prompt_tuning).eval()
+    model.load_state_dict(state(ckpt), strict=not prompt_tuning)  # the detector has no prompt (= zero)
+    with torch.no_grad():
+        losses = [float(model.criterion.total(model.loss(model(b.images, b.image_sizes, b.text), b.targets)))
+                  for b in dm.val_dataloader()]
+    return sum(losses) / len(losses)
+
+
+def test_prompt_tuning_trains_only_the_prompt_and_lowers_val_loss(pretrained, synthetic_shards):
+    """Official prompt tuning (lr 0.05, wd 0.25, all else frozen). At this budget (20 steps of batch 2 on a model
+    pre-trained for 60) it lowers the held-out loss but does not reliably raise AP: measured 0.034 -> 0.027
+    (lr 0.05), 0.027 (lr 0.01), 0.025 (lr 0.002) on one CPU, 0.040 -> 0.024 (lr 0.05) on another. So AP is
+    reported, not asserted; what is asserted is what holds: only the prompt changed and the val loss fell."""
+    before, after, last = transfer_run(pretrained, synthetic_shards, "prompt", PROMPT_STEPS,
+                                       {"model_options": {"prompt_tuning": True}, "lr": 0.05, "lang_lr": 0.05,
+                                        "weight_decay": 0.25})
+    start, end = state(pretrained[1]), state(last)
+    assert set(end) - set(start) == {"prompt.weight"}
+    changed = [k for k in start if not torch.equal(start[k], end[k])]
+    assert changed == [], changed[:5]  # everything but the prompt is frozen
+    assert end["prompt.weight"].shape == (256, 64) and end["prompt.weight"].abs().sum() > 0
+    loss0, loss1 = val_loss(pretrained[1], synthetic_shards, False), val_loss(last, synthetic_shards, True)
+    print(f"prompt tuning: val loss {loss0:.4f} -> {loss1:.4f}, val box AP {before:.3f} -> {after:.3f}")
+    assert loss1 < loss0
+
+
+# ------------------------------------------------------------------ fast checks (no training)
+def test_prompt_tuned_model_starts_as_the_detector_and_only_the_prompt_trains(tmp_path):
+    from glip_pl.lit.module import GLIPLitModule
+    from glip_pl.model import build_glip
+    from glip_pl.model.prompt_tuning import official_to_prompt, prompt_to_official
+
+    torch.manual_seed(0)
+    base = build_glip("tiny").eval()
+    ck = tmp_path / "detector.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in base.state_dict().items()},
+                "hyper_parameters": {"preset": "tiny", "model_options": {}}}, ck)
+    lit = GLIPLitModule(preset="tiny", model_options={"prompt_tuning": True}, init_weights=str(ck))
+    tuned = lit.model.eval()
+    assert [n for n, p in tuned.named_parameters() if p.requires_grad] == ["prompt.weight"]
+    text, _ = tuned.tokenize(["red circle. blue square"])
+    with torch.no_grad():
+        assert torch.equal(base.encode_text(text), tuned.encode_text(text))  # zero prompt = the detector
+        tuned.prompt.weight[1].fill_(1.0)
+        delta = tuned.encode_text(text) - base.encode_text(text)
+    assert torch.allclose(delta[:, 1], torch.ones_like(delta[:, 1])) and delta[:, [0, 2]].abs().max() == 0
+    opt = torch.optim.AdamW([p for n, p in tuned.named_parameters() if p.requires_grad])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == 256 * 64
+    official = prompt_to_official(tuned.prompt.weight.detach())
+    assert official.shape == (1000, 64) and official[256:].abs().max() == 0
+    assert torch.equal(official_to_prompt(official, 256), tuned.prompt.weight.detach())
+
+
+@pytest.mark.parametrize("name", ["coco", "odinw_custom", "prompt_tuning"])
+def test_finetune_recipes_header_and_model_options(name):
+    from glip_pl.model.presets import get_config
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "finetune" / f"{name}.yaml"
+    head = "\n".join(path.read_text().splitlines()[:9])
+    for word in ("GLIP paper", "Target:", "Data:", "Hardware:", "Launch:", "Batch arithmetic"):
+        assert word in head, (name, word)
+    cfg = yaml.safe_load(path.read_text())
+    model = get_config(cfg["model"]["preset"], **cfg["model"].get("model_options", {}))  # options are valid
+    assert all(s.get("prompt_mode") == "all" for s in cfg["data"]["train"])
+    if name == "prompt_tuning":
+        assert model.prompt_tuning and cfg["model"]["lr"] == 0.05 and cfg["model"]["weight_decay"] == 0.25
+    if name == "coco":
+        assert cfg["model"]["lr"] == cfg["model"]["lang_lr"] == 1e-5
+    if name == "odinw_custom":
+        assert model.swin.frozen_stages == 2 and cfg["model"]["weight_decay"] == 0.05 and cfg["data"]["batch_size"] == 4

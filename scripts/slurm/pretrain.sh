@@ -5,9 +5,10 @@
 #
 # Every argument is a config file (stacked left to right: cluster settings, then the recipe) or a CLI override
 # such as --trainer.max_steps=1000. One task per GPU; Lightning reads the Slurm environment for ranks/nodes.
-# Preemption: Slurm sends SIGUSR1 (--signal) to the tasks; Lightning's SLURMEnvironment saves an HPC checkpoint on
-# every rank at the next step boundary and requeues the job; the requeued job resumes from it (same W&B run id,
-# kept in the run directory). Override #SBATCH lines on the sbatch command line (--nodes, --gres, --time ...).
+# Preemption: Slurm sends SIGUSR1 (--signal) to the tasks; glip_pl's PreemptionCheckpoint (added by glip-pl fit)
+# saves last.ckpt at the next step boundary agreed by all ranks, and rank 0 requeues the job; the requeued job
+# resumes from it (same W&B run id, kept in the run directory). Lightning's own Slurm handler is switched off: it
+# saves inside the signal handler and can hang DDP jobs (Lightning issue #21406). Override #SBATCH lines on the sbatch command line (--nodes, --gres, --time ...).
 #
 # CPU-only (a laptop-sized Slurm, CI): sbatch's command-line options override the #SBATCH lines, so drop the GPUs
 # and size the tasks there, with a CPU cluster file or recipe (trainer.accelerator: cpu, strategy: ddp -> gloo):

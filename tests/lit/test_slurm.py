@@ -1,7 +1,11 @@
 """A real Slurm: ``sbatch scripts/slurm/pretrain.sh`` trains the tiny preset with 2 tasks (DDP over gloo) on a
 one-node cluster that ``scripts/ci/slurm_up.sh`` brings up (munge + slurmctld + slurmd on localhost); a preemption
-signal (``scancel -s USR1``) makes Lightning save an HPC checkpoint and requeue the job, and the requeued job resumes
-from it, continues the same W&B run and finishes at the expected step.
+signal (``scancel -s USR1``, delivered to every process of the step, data workers included) makes the
+``PreemptionCheckpoint`` that ``glip-pl fit`` adds by default save ``last.ckpt`` at the step boundary and requeue the
+job, and the requeued job resumes from it, continues the same W&B run and finishes at the expected step.
+
+(Lightning's own Slurm handler, which saves inside the signal handler, hung this job intermittently — Lightning
+issue #21406 — so the recipe here deliberately does not list the callback: the default must be safe.)
 
 Runs when the tests run as root (daemons, apt-get) and Slurm is installed or installable: that is CI (``bash .ci/run``
 as root on a fresh Debian machine; bring-up measured at ~6 s with the install). Elsewhere it is skipped with the
@@ -168,19 +172,21 @@ def test_sbatch_preempt_requeue_resume(tmp_path, synthetic_shards, slurm):
     assert info.get("Restarts") == "1", info
     print(f"USR1 -> requeued job completed in {elapsed:.0f} s", file=sys.stderr)
 
-    # the signal was handled by Lightning: HPC checkpoint on the step boundary, job requeued
-    assert "Handling auto-requeue signal" in text, text[-4000:]
-    hpc = sorted(run.glob("hpc_ckpt_*.ckpt"))
-    assert len(hpc) == 1, hpc
-    hpc_step = torch.load(hpc[0], weights_only=True)["global_step"]
-    assert SIGNAL_AFTER_STEPS <= hpc_step < MAX_STEPS
+    # the signal was handled at a step boundary by PreemptionCheckpoint (not inside Lightning's handler)
+    assert "[glip_pl] received SIGUSR1" in text and "Handling auto-requeue signal" not in text, text[-4000:]
+    m = re.search(r"preempted \(SIGUSR1\) after step (\d+): saved (\S+last\.ckpt)", text)
+    assert m, text[-4000:]
+    saved_step = int(m.group(1))
+    assert SIGNAL_AFTER_STEPS <= saved_step < MAX_STEPS
+    assert f"scontrol requeue {job}: rc 0" in text, text[-4000:]
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))
     # the requeued job (restart 1) resumed from it and finished at max_steps
     assert "restart 1" in text
-    assert re.search(r"Restored all states from the checkpoint at \S*hpc_ckpt_1\.ckpt", text), text[-4000:]
+    assert re.search(r"Restored all states from the checkpoint at \S*last\.ckpt", text), text[-4000:]
     steps = _steps(trace)
     assert steps[-1] == MAX_STEPS
-    resumed = steps[steps.index(hpc_step) + 1:]
-    assert resumed and resumed[0] in (hpc_step + 1, hpc_step + 2)  # the first step after the checkpoint
+    resumed = steps[steps.index(saved_step) + 1:]
+    assert resumed and resumed[0] in (saved_step + 1, saved_step + 2)  # the first step after the checkpoint
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == MAX_STEPS
     # the same W&B run continues (offline runs of both attempts carry the run id)
     assert (run / "wandb_run_id").read_text() == run_id

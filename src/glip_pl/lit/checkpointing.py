@@ -9,9 +9,10 @@
 * ``PreemptionCheckpoint``: a callback that catches SIGTERM and SIGUSR1 (Slurm's preemption/time-limit warning,
   ``#SBATCH --signal=USR1@90``), and at the next step boundary — agreed on by all ranks — writes ``last.ckpt``
   and stops cleanly. We install our own handler rather than rely on Lightning's: Lightning's SIGUSR1 handler
-  exists only under ``SLURMEnvironment(auto_requeue=True)`` and its SIGTERM handler stops without saving. Under
-  Slurm (``SLURM_JOB_ID`` set) rank 0 then requeues the job (``scontrol requeue``) unless ``requeue=False``; the
-  requeued job auto-resumes (``glip-pl fit`` picks the newest valid checkpoint).
+  saves inside the signal handler (in data workers too, mid-collective: DDP jobs hang, Lightning #21406) and its
+  SIGTERM handling stops DDP ranks without saving. Under Slurm (``SLURM_JOB_ID`` set) rank 0 then requeues the job
+  (``scontrol requeue``) unless ``requeue=False``; the requeued job auto-resumes (``glip-pl fit`` picks the newest
+  valid checkpoint). ``glip-pl fit`` adds this callback when a recipe does not (``--preemption_checkpoint``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import zipfile
 from typing import Optional, Sequence
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
@@ -174,7 +176,13 @@ class PreemptionCheckpoint(Callback):
 
     # -- handlers
     def _handler(self, signum, frame) -> None:
-        if os.getpid() != self._pid:  # a forked data worker: behave as if we were not here
+        if os.getpid() != self._pid:
+            # A forked data worker (Slurm signals every process of the step). SIGTERM: die as if we were not here.
+            # The preemption warning (SIGUSR1) is the trainer's business: a worker that died of it would crash the
+            # loader before the trainer reaches the step boundary, so workers ignore it.
+            if signum == signal.SIGUSR1:
+                signal.signal(signum, signal.SIG_IGN)
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -187,11 +195,27 @@ class PreemptionCheckpoint(Callback):
         if stage != "fit":
             return
         self._pid = os.getpid()
+        # Lightning's own Slurm handler saves the checkpoint inside the signal handler, on every process that gets
+        # the signal (data workers included), in the middle of whatever collective was running: it hangs DDP jobs
+        # intermittently (Lightning issue #21406; seen here as a job stuck after "Handling auto-requeue signal").
+        # This callback does it at the step boundary instead, so Lightning's requeue handling is switched off.
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        if isinstance(env, SLURMEnvironment):
+            env.auto_requeue = False
+        self._install()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning registers its handlers after ``setup`` and chains SIGTERM to a notifier that makes DDP ranks
+        # exit at the next step start without a checkpoint; the signals this callback handles are its own.
+        self._install()
+
+    def _install(self) -> None:
         for s in self.signals:
             try:
-                self._previous[s] = signal.signal(s, self._handler)
+                previous = signal.signal(s, self._handler)
             except ValueError:  # not the main thread (e.g. a notebook runner): nothing to install
-                pass
+                continue
+            self._previous.setdefault(s, previous)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for s, h in self._previous.items():
@@ -213,11 +237,14 @@ class PreemptionCheckpoint(Callback):
         if not self._agreed(trainer):
             return
         path = self.last_path(trainer)
+        # Set first: a ModelCheckpoint's state is saved inside this checkpoint, and once resumed it would otherwise
+        # see last.ckpt as somebody else's file and write its own last checkpoints to last-v1.ckpt.
+        for c in trainer.checkpoint_callbacks:
+            if isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath \
+                    and os.path.realpath(c.dirpath) == os.path.realpath(os.path.dirname(path)):
+                c.last_model_path = path
         ck = next((c for c in trainer.checkpoint_callbacks if isinstance(c, AtomicModelCheckpoint)), None)
         if ck is not None:
-            # set first: the callback's state is saved inside this checkpoint, and a resumed ModelCheckpoint would
-            # otherwise see last.ckpt as somebody else's file and write last-v1.ckpt
-            ck.last_model_path = path
             ck._save_checkpoint(trainer, path)
         else:
             atomic_save(trainer, path)

@@ -51,7 +51,13 @@ class GLIPLitModule(L.LightningModule):
         eval_score_thresh: float = 0.05,
         log_images_every_n_steps: int = 0,
         max_bad_steps: int = 5,
+        compile_head: bool = False,
+        compile_options: Optional[dict] = None,
     ):
+        """``compile_head``: ``torch.compile`` the fusion head (VL-DyHead, most of the step's time) in place, so
+        parameter names and checkpoints do not change; ``compile_options`` go to ``torch.compile`` (``mode``,
+        ``dynamic``, ``backend``). Shapes vary with the image size and the prompt length: after the first
+        recompile the compiler marks those dimensions dynamic."""
         super().__init__()
         if schedule not in ("step", "cosine", "constant"):
             raise GLIPInputError(f"schedule must be 'step', 'cosine' or 'constant', got {schedule!r}")
@@ -62,6 +68,8 @@ class GLIPLitModule(L.LightningModule):
 
             load_model_weights(self.model, init_weights, preset=preset)
         self.model.criterion.reduce_mean = self._reduce_mean
+        if compile_head:
+            self.model.head.compile(**(compile_options or {}))
         self._val_gt: list = []
         self._val_dt: list = []
         self._t_last: Optional[float] = None

@@ -1,0 +1,66 @@
+"""``model.compile_head``: the fusion head compiled with torch.compile gives the eager model's outputs and gradients,
+keeps parameter names (checkpoints interchange), and recompiles for a new image size / prompt length.
+
+The test traces with TorchDynamo + AOTAutograd (backend ``aot_eager``: graph capture, functionalisation,
+decompositions, the compiled backward) — where our code's compile-friendliness is decided. Inductor's code
+generation on top took over 5 minutes for these two shapes on a 2-core CI machine, so it is exercised by
+``benchmarks/bench_model.py`` (variant "glip_pl + torch.compile(head)", which also reports its loss against eager)
+rather than here."""
+
+import torch
+
+from glip_pl.lit.module import GLIPLitModule
+from glip_pl.model import make_targets
+from glip_pl.model.prompts import build_detection_prompt, spans_to_token_map
+
+
+def _batch(model, h, w, names):
+    g = torch.Generator().manual_seed(h + len(names))
+    images = torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8)
+    sizes = torch.tensor([[h, w], [h - 16, w - 8]])
+    prompt = build_detection_prompt(names)
+    text, offsets = model.tokenize([prompt.caption] * 2)
+    tmap = spans_to_token_map(prompt.caption, prompt.spans, offsets[0], text.length)
+    boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0]]), torch.tensor([[10.0, 8.0, 50.0, 44.0]])]
+    targets = make_targets(boxes, [tmap[[0, 1]], tmap[[1]]], text.length)
+    return images, sizes, text, targets
+
+
+def _step(model, batch):
+    images, sizes, text, targets = batch
+    model.zero_grad(set_to_none=True)
+    out = model(images, sizes, text)
+    loss = model.criterion.total(model.loss(out, targets))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, loss.detach(), grads
+
+
+def test_compiled_head_equals_eager():
+    torch.manual_seed(0)
+    eager = GLIPLitModule(preset="tiny", model_options={"dropblock": False}).model.eval()
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, counting the graphs it is handed
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = GLIPLitModule(preset="tiny", model_options={"dropblock": False}, compile_head=True,
+                             compile_options={"backend": backend}).model.eval()
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: no _orig_mod. prefixes
+    compiled.load_state_dict(eager.state_dict())
+    names = ["red circle", "blue square", "green triangle"]
+    seen = []
+    for h, w, n in ((96, 128, names), (128, 96, names + ["yellow square"])):  # a new size and prompt length
+        batch = _batch(eager, h, w, n)
+        out_e, loss_e, grads_e = _step(eager, batch)
+        out_c, loss_c, grads_c = _step(compiled, batch)
+        # decompositions reorder float ops: equal to fp32 rounding, not bit for bit
+        torch.testing.assert_close(out_c.logits, out_e.logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out_c.box_regression, out_e.box_regression, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-4)
+        assert set(grads_c) == set(grads_e)
+        for k in grads_e:
+            torch.testing.assert_close(grads_c[k], grads_e[k], atol=1e-4, rtol=1e-3, msg=k)
+        seen.append(len(graphs))
+    assert 0 < seen[0] < seen[1], seen  # the head was compiled, and recompiled for the new shapes

@@ -90,21 +90,20 @@ def main(argv=None) -> int:
     def run(row, n):
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if row["dtype"] == "bf16" else contextlib.nullcontext()
         with ctx, torch.inference_mode():
-            return pred.predict_batch(images[:n], prompt, batch_size=row["batch"])
+            return pred.predict_batch(images[:n], prompt, batch_size=row["batch"])  # calls of row["batch"] images
 
     for row in rows:  # warm-up (allocations, cudnn autotune, text features)
         run(row, row["batch"])
-    done = 0
+    done, n = 0, max(args.batch)
     while done < args.images:
         for row in rows:
-            n = row["batch"]
             sync()
             t0 = time.perf_counter()
             run(row, n)
             sync()
             row["seconds"] += time.perf_counter() - t0
             row["images"] += n
-        done += max(args.batch)
+        done += n
     base = rows[0]["seconds"] / rows[0]["images"]
     print(f"\npreset={args.preset} device={args.device} input={args.height}x{args.width} prompt=80 COCO names "
           f"commit={git_commit()}")

@@ -233,5 +233,9 @@ def test_student_recipe_stacks_on_the_demo_recipe():
     root = Path(__file__).resolve().parents[2] / "recipes"
     args = ["--config", str(root / "local" / "demo.yaml"), "--config", str(root / "label" / "student_synthetic.yaml")]
     cfg = ParseOnly(GLIPLitModule, GroundingDataModule, args=args, run=False).config
-    assert [s["urls"] if isinstance(s, dict) else s.urls for s in cfg.data.train][-1] == "shards/pseudo/synthetic"
+    assert cfg.data.class_path == "glip_pl.label.datamodule.TeacherStudentDataModule"
+    urls = lambda sources: [s["urls"] if isinstance(s, dict) else s.urls for s in sources]  # noqa: E731
+    assert urls(cfg.data.init_args.pseudo) == ["shards/pseudo/synthetic"]
+    assert urls(cfg.data.init_args.train) == ["shards/synthetic/detection", "shards/synthetic/grounding"]
+    assert cfg.data.init_args.batch_size == 4 and cfg.data.init_args.num_negatives == 8  # kept from the demo recipe
     assert cfg.model.preset == "tiny"

@@ -67,3 +67,40 @@ def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shar
     with pytest.raises(ValueError, match="data.train\\[1\\]"):
         TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}],
                                  pseudo=[{"urls": str(tmp_path / "not-labelled-yet")}])
+
+
+def test_glip_pl_fit_selects_the_teacher_student_data_module(synthetic_shards, pseudo, tmp_path):
+    """``data: class_path: glip_pl.label.datamodule.TeacherStudentDataModule`` in a recipe: ``glip-pl fit`` trains the
+    student on gold + pseudo-labelled batches (BatchTrace records each batch's sources)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = tmp_path / "run"
+    cfg = {
+        "seed_everything": 3,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": False, "default_root_dir": str(run),
+                    "callbacks": [{"class_path": "glip_pl.lit.callbacks.BatchTrace",
+                                   "init_args": {"out_dir": str(tmp_path / "trace")}}]},
+        "model": {"preset": "tiny", "lr": 1e-3, "lang_lr": 1e-3, "warmup_steps": 1},
+        "data": {"class_path": "glip_pl.label.datamodule.TeacherStudentDataModule",
+                 "init_args": {"train": [{"urls": f"{synthetic_shards}/grounding", "weight": 1.0}],
+                               "pseudo": [{"urls": pseudo["output"], "split": "val", "weight": 1.0}],
+                               "batch_size": 4, "num_workers": 0, "train_min_sizes": [64], "train_max_size": 64}},
+    }
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(path)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "trace" / "batches-rank0.jsonl").read_text().splitlines()]
+    assert [x["global_step"] for x in lines][-1] == 6
+    sources = Counter(s for x in lines for s in x["sources"])
+    assert set(sources) == {"synthetic-grounding", "pseudo-synthetic"}, sources
+    assert (run / "config.yaml").exists()
+    assert "TeacherStudentDataModule" in (run / "config.yaml").read_text()

@@ -39,7 +39,13 @@ def test_recipes_exist():
 def test_recipe_parses(recipe):
     cfg = parse(recipe)
     assert cfg.model.preset in ("tiny", "glip_t_a", "glip_t", "glip_l")
-    assert cfg.data.train, "a recipe names its training shards"
+    assert cfg.data.init_args.train, "a recipe names its training shards"
+    if recipe.stem in ("glip_t", "glip_l"):  # the self-training rows: gold + pseudo-labelled captions
+        assert cfg.data.class_path == "glip_pl.label.datamodule.TeacherStudentDataModule"
+        assert [s["urls"] if isinstance(s, dict) else s.urls for s in cfg.data.init_args.pseudo] == \
+            [f"shards/{'cap4m' if recipe.stem == 'glip_t' else 'cap24m'}_pseudo"]
+    elif "label" not in recipe.parts:
+        assert cfg.data.class_path == "glip_pl.lit.datamodule.GroundingDataModule"  # plain data: keys
     if "pretrain" in recipe.parts:
         head = recipe.read_text().splitlines()[:9]
         text = "\n".join(head)

@@ -51,7 +51,7 @@ class _SaveConfig(SaveConfigCallback):
 ALLOWED_CLASS_PREFIXES = (
     "lightning.pytorch.callbacks.", "lightning.pytorch.loggers.", "lightning.pytorch.strategies.",
     "lightning.pytorch.plugins.", "lightning.pytorch.profilers.", "lightning.pytorch.accelerators.",
-    "lightning.fabric.plugins.environments.", "glip_pl.lit.",
+    "lightning.fabric.plugins.environments.", "glip_pl.lit.", "glip_pl.label.datamodule.",
 )
 
 
@@ -114,11 +114,22 @@ def check_class_paths(args) -> None:
 
 
 class GLIPCLI(LightningCLI):
+    """LightningCLI with the project's checks and defaults. ``data`` takes ``GroundingDataModule``'s arguments
+    directly, or ``class_path: glip_pl.label.datamodule.TeacherStudentDataModule`` (gold + pseudo-labelled sources)
+    with its ``init_args``: any ``GroundingDataModule`` subclass from the allow-list."""
+
+    def __init__(self, model_class=GLIPLitModule, datamodule_class=GroundingDataModule, *args,
+                 subclass_mode_data: bool = True, **kwargs):
+        super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+
     def parse_arguments(self, parser, args) -> None:
         check_class_paths(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
+        if self.subclass_mode_data:  # plain ``data:`` keys configure the default data module
+            cls = self.datamodule_class
+            parser.set_defaults({"data": {"class_path": f"{cls.__module__}.{cls.__qualname__}"}})
         parser.add_argument("--auto_resume", type=bool, default=True,
                             help="resume fit from <default_root_dir>/checkpoints/last.ckpt when it exists")
         parser.add_argument("--preemption_checkpoint", type=bool, default=True,

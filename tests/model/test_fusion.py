@@ -133,3 +133,28 @@ def test_no_fusion_is_identity():
     v, l = nf(visual, text, mask)
     assert v is visual and l is text
     assert len(list(nf.parameters())) == 0 and len(nf.state_dict()) == 0
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_one_way_block_matches_the_visual_half_and_every_parameter_trains(use_sdpa):
+    """``text_output=False`` (last block when the dot product scores the encoder's text): the visual output equals
+    the two-way block's with the same weights, the text comes back layer-normed and unchanged, and every parameter
+    it holds gets a gradient (DDP rejects parameters without one)."""
+    torch.manual_seed(0)
+    two = BiAttentionFusion(**SMALL, use_sdpa=use_sdpa).eval()
+    one = BiAttentionFusion(**SMALL, use_sdpa=use_sdpa, text_output=False).eval()
+    missing, unexpected = one.load_state_dict(two.state_dict(), strict=False)
+    assert missing == [] and sorted(unexpected) == ["b_attn.attn.out_l_proj.bias", "b_attn.attn.out_l_proj.weight",
+                                                    "b_attn.attn.values_v_proj.bias",
+                                                    "b_attn.attn.values_v_proj.weight", "b_attn.gamma_l"]
+    visual, text, mask = make_inputs()
+    with torch.no_grad():
+        v2, _ = two(visual, text, mask)
+        v1, l1 = one(visual, text, mask)
+    for a, b in zip(v1, v2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, torch.nn.functional.layer_norm(text, (48,)))
+    one.train()
+    v, _ = one(visual, text, mask)
+    sum(x.sum() for x in v).backward()
+    assert all(p.grad is not None for p in one.parameters())

@@ -174,3 +174,14 @@ def test_bad_inputs_get_clear_errors():
         from glip_pl.model.prompts import Prompt
 
         model.predict(imgs[:1], [Prompt("a cat", [[(0, 30)]], ["a cat"])])
+
+
+@pytest.mark.parametrize("preset_kw", [{}, {"use_fused_text": False}, {"fusion": "none", "use_fused_text": False}])
+def test_every_parameter_gets_a_gradient(preset_kw):
+    """DDP (find_unused_parameters off, as the official recipes) needs a gradient for every parameter: true with
+    the fused text, with the encoder's text and deep fusion (the last block is one-way), and without fusion."""
+    model = _model(**preset_kw).train()
+    images, sizes, text, targets, _ = _batch(model, NAMES, BOXES)
+    model.criterion.total(model.loss(model(images, sizes, text), targets)).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

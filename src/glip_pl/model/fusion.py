@@ -25,11 +25,18 @@ Two equivalent attention paths (``use_sdpa``):
   path (or bf16). Cost: SDPA computes the N×T logits twice (once per direction) but never materialises them,
   which is the memory saving that matters at N ≈ 22k.
 
+``text_output=False`` builds a one-way block (text → visual only) for the last block of a head whose dot product
+scores the encoder's text rather than the fused text (``use_fused_text=False`` with fusion on): the text side
+(``values_v_proj``, ``out_l_proj``, ``gamma_l``) would feed nothing there, and parameters without a gradient make
+DDP fail. No released checkpoint uses that combination, so no official key is lost.
+
 Every visual row must have at least one valid text token (true for GLIP prompts: [CLS] and [SEP] are valid);
 otherwise SDPA returns NaN for that row while the plain path averages the padding.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +57,7 @@ class BiMultiHeadAttention(nn.Module):
         dropout: float = 0.1,
         use_sdpa: bool = True,
         clamp: bool = True,
+        text_output: bool = True,
     ):
         super().__init__()
         if embed_dim % num_heads:
@@ -60,17 +68,22 @@ class BiMultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.use_sdpa = use_sdpa
         self.clamp = clamp
+        self.text_output = text_output
         self.v_proj = nn.Linear(v_dim, embed_dim)
         self.l_proj = nn.Linear(l_dim, embed_dim)
-        self.values_v_proj = nn.Linear(v_dim, embed_dim)
         self.values_l_proj = nn.Linear(l_dim, embed_dim)
         self.out_v_proj = nn.Linear(embed_dim, v_dim)
-        self.out_l_proj = nn.Linear(embed_dim, l_dim)
+        if text_output:
+            self.values_v_proj = nn.Linear(v_dim, embed_dim)
+            self.out_l_proj = nn.Linear(embed_dim, l_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Reference §1.5.1: all six linears xavier_uniform, bias 0.
-        for lin in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj, self.out_v_proj, self.out_l_proj):
+        for lin in (self.v_proj, self.l_proj, self.values_l_proj, self.out_v_proj,
+                    getattr(self, "values_v_proj", None), getattr(self, "out_l_proj", None)):
+            if lin is None:
+                continue
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -84,14 +97,25 @@ class BiMultiHeadAttention(nn.Module):
         b, _, s, _ = x.shape
         return x.transpose(1, 2).reshape(b, s, self.embed_dim)
 
-    def forward(self, v: Tensor, l: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """v (B,N,C), l (B,T,D), text_mask (B,T) bool (True = real token) -> (dv (B,N,C), dl (B,T,D))."""
+    def forward(self, v: Tensor, l: Tensor, text_mask: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """v (B,N,C), l (B,T,D), text_mask (B,T) bool (True = real token) -> (dv (B,N,C), dl (B,T,D) or None when
+        the block has no text output)."""
         q = self._heads(self.v_proj(v))  # (B,h,N,e), unscaled
         k = self._heads(self.l_proj(l))  # (B,h,T,e)
-        val_v = self._heads(self.values_v_proj(v))  # (B,h,N,e)
         val_l = self._heads(self.values_l_proj(l))  # (B,h,T,e)
         p = self.dropout if self.training else 0.0
         keep = text_mask.bool()[:, None, None, :]  # (B,1,1,T)
+        if not self.text_output:  # visual side only: identical to the visual half of both paths below
+            if self.use_sdpa:
+                out_v = F.scaled_dot_product_attention(q, k, val_l, attn_mask=keep, dropout_p=p, scale=self.scale)
+            else:
+                logits = torch.matmul(q * self.scale, k.transpose(-1, -2))
+                if self.clamp:
+                    logits = logits.clamp(-_CLAMP, _CLAMP)
+                logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+                out_v = torch.matmul(F.dropout(logits.softmax(dim=-1), p, self.training), val_l)
+            return self.out_v_proj(self._merge(out_v)), None
+        val_v = self._heads(self.values_v_proj(v))  # (B,h,N,e)
         if self.use_sdpa:
             out_v = F.scaled_dot_product_attention(q, k, val_l, attn_mask=keep, dropout_p=p, scale=self.scale)
             out_l = F.scaled_dot_product_attention(k, q, val_v, dropout_p=p, scale=self.scale)
@@ -124,13 +148,15 @@ class BiAttentionBlock(nn.Module):
         init_scale: float = 1 / 6,
         use_sdpa: bool = True,
         clamp: bool = True,
+        text_output: bool = True,
     ):
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
-        self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads, dropout, use_sdpa, clamp)
+        self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads, dropout, use_sdpa, clamp, text_output)
         self.gamma_v = nn.Parameter(torch.full((v_dim,), float(init_scale)))
-        self.gamma_l = nn.Parameter(torch.full((l_dim,), float(init_scale)))
+        if text_output:
+            self.gamma_l = nn.Parameter(torch.full((l_dim,), float(init_scale)))
 
     def forward(self, v: Tensor, l: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
         """v (B,N,C), l (B,T,D), text_mask (B,T) -> (v (B,N,C), l (B,T,D))."""
@@ -138,7 +164,7 @@ class BiAttentionBlock(nn.Module):
         l = self.layer_norm_l(l)
         dv, dl = self.attn(v, l, text_mask)
         # The residual is added to the layer-normed input, as the official block does (reference §9.3).
-        return v + self.gamma_v * dv, l + self.gamma_l * dl
+        return v + self.gamma_v * dv, (l if dl is None else l + self.gamma_l * dl)
 
 
 class BiAttentionFusion(nn.Module):
@@ -154,9 +180,11 @@ class BiAttentionFusion(nn.Module):
         init_scale: float = 1 / 6,
         use_sdpa: bool = True,
         clamp: bool = True,
+        text_output: bool = True,
     ):
         super().__init__()
-        self.b_attn = BiAttentionBlock(v_dim, l_dim, embed_dim, num_heads, dropout, init_scale, use_sdpa, clamp)
+        self.b_attn = BiAttentionBlock(v_dim, l_dim, embed_dim, num_heads, dropout, init_scale, use_sdpa, clamp,
+                                       text_output)
 
     def forward(self, visual: list[Tensor], text: Tensor, text_mask: Tensor) -> tuple[list[Tensor], Tensor]:
         """visual [(B,C,H_l,W_l)], text (B,T,D), text_mask (B,T) bool -> ([(B,C,H_l,W_l)], (B,T,D))."""

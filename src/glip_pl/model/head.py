@@ -69,13 +69,15 @@ class GLIPHead(nn.Module):
         tower = []
         for k in range(num_blocks):
             if fusion == "bi_attention":
+                # The extra BERT layer exists in every block but the last unless the fused text feeds the
+                # dot product (official USE_FUSED_FEATURES_DOT_PRODUCT); without it, the last fusion's text
+                # output would feed nothing, so that block is built one-way (text -> visual).
+                last = k == num_blocks - 1
                 tower.append(BiAttentionFusion(
                     v_dim=channels, l_dim=text_dim, embed_dim=fusion_embed_dim, num_heads=fusion_heads,
                     dropout=fusion_dropout, init_scale=1.0 / num_blocks, use_sdpa=use_sdpa,
+                    text_output=use_fused_text or not last,
                 ))
-                # The extra BERT layer exists in every block but the last unless the fused text feeds the
-                # dot product (official USE_FUSED_FEATURES_DOT_PRODUCT).
-                last = k == num_blocks - 1
                 if use_fused_text or not last:
                     tower.append(TextLayer(hidden=text_dim, heads=text_layer_heads,
                                            intermediate=text_layer_intermediate, use_sdpa=use_sdpa))

@@ -33,6 +33,25 @@ class Source:
     name: Optional[str] = None
     kind: Optional[str] = None
     prompt_mode: Optional[str] = None  # "all": every class in id order, no negatives (fine-tuning, §3.1)
+    # Class names to use instead of index.json's, e.g. to rename an ODinW-style set's classes for the prompt:
+    # [{"id": 1, "name": "ruby disc"}, ...]; every id the shards use must be listed.
+    categories: Optional[list[dict]] = None
+
+    def __post_init__(self):
+        if self.categories is None:
+            return
+        if not isinstance(self.categories, (list, tuple)) or not self.categories:
+            raise ValueError(f"source {self.urls!r}: categories must be a non-empty list of {{id, name}}")
+        seen = set()
+        for i, c in enumerate(self.categories):
+            ok = isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c.get("id"), bool) \
+                and isinstance(c.get("name"), str) and c["name"].strip()
+            if not ok:
+                raise ValueError(f"source {self.urls!r}: categories[{i}] must be {{id: int, name: non-empty text}}, "
+                                 f"got {c!r}")
+            if c["id"] in seen:
+                raise ValueError(f"source {self.urls!r}: categories[{i}] repeats id {c['id']}")
+            seen.add(c["id"])
 
 
 class GroundingDataModule(L.LightningDataModule):
@@ -97,7 +116,8 @@ class GroundingDataModule(L.LightningDataModule):
     @staticmethod
     def _spec(s: Source) -> SourceSpec:
         return SourceSpec(urls=s.urls, weight=s.weight, split=s.split, name=s.name, kind=s.kind,
-                          prompt_mode=s.prompt_mode)
+                          prompt_mode=s.prompt_mode,
+                          categories=[{"id": c["id"], "name": c["name"]} for c in s.categories] if s.categories else None)
 
     @property
     def tokenizer(self):

@@ -61,6 +61,21 @@ def _draw(ckpt: Path, shards: Path, out: Path, n: int) -> list:
     return written
 
 
+def _set_aside(recipe: Path) -> None:
+    """``--fresh``: move the previous run directory aside (never delete it). Left in place, its checkpoints made the
+    new run write ``last-v1.ckpt`` beside the old ``last.ckpt``, which the demo then drew from and a later re-run
+    resumed from."""
+    import yaml
+
+    root = (yaml.safe_load(recipe.read_text()) or {}).get("trainer", {}).get("default_root_dir")
+    if not root or not Path(root).exists():
+        return
+    old = Path(root)
+    dest = old.with_name(f"{old.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+    old.rename(dest)
+    print(f"[demo] --fresh: previous run moved to {dest}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from glip_pl.lit.cli import GLIPCLI
     from glip_pl.lit.datamodule import GroundingDataModule
@@ -78,6 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
         cli_args += ["--trainer.max_steps", str(args.steps)]
     if args.fresh:
         cli_args += ["--ckpt_path", "none"]
+        _set_aside(recipe)
     t = time.perf_counter()
     cli = GLIPCLI(GLIPLitModule, GroundingDataModule, args=cli_args, seed_everything_default=1234,
                   save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)

@@ -1,8 +1,8 @@
 """Teacher–student on the synthetic data: a tiny teacher trained (through ``glip-pl fit``) on detection + grounding
 labels the caption split through ``glip-pl pseudo-label``; its pseudo boxes are scored against the hidden true boxes
 at IoU 0.5 (phrase-aware). The budget here is a fixed number of steps that fits ~1–2 minutes of a shared 2-core CPU;
-the thresholds asserted are what that budget honestly reaches (figures in the commit note), far below the ≥ 0.8
-the issue hopes for with a longer demo budget."""
+the thresholds asserted are what that budget honestly reaches (figures below); the demo's 400-step teacher reaches
+0.83 / 0.78, measured outside the suite (src/glip_pl/label/README.md)."""
 
 import os
 import subprocess
@@ -94,8 +94,9 @@ def test_teacher_pseudo_boxes_match_hidden_truth(tmp_path, synthetic_shards):
     assert s["precision"] >= PRECISION_MIN and s["recall"] >= RECALL_MIN, s
 
 
-# Measured with this budget (40 steps, batch 4, 256 px, seed 7): precision 0.35, recall 0.36 at IoU 0.5 (phrase-aware,
-# score > 0.3, top-1 box per phrase; 60 steps gave 0.32 / 0.34). Longer runs plateau near 0.42 / 0.42 (100–250 steps
-# on these 96 scenes; the demo recipe's 512 scenes at 300–600 steps: 0.41–0.42). The hoped-for 0.8 was not reached.
+# Measured with this budget (40 steps, batch 4, 256 px, seed 7; the 3.0 M tiny preset): precision 0.35, recall 0.34 at
+# IoU 0.5 (phrase-aware, score > 0.3, top-1 box per phrase). The demo's budget (400 steps, `bash scripts/demo.sh`)
+# reaches 0.83 / 0.78 with the same filter on the 512 caption scenes (src/glip_pl/label/README.md); 40 steps are what a
+# test can afford.
 PRECISION_MIN = 0.25
 RECALL_MIN = 0.25

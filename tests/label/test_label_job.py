@@ -219,6 +219,22 @@ def test_label_recipes_parse():
         load_config([str(root / "synthetic_demo.yaml")], {"nonsense": 1})
 
 
+def test_filter_flags_override_the_recipe():
+    from pathlib import Path
+
+    from glip_pl.cli import build_parser
+    from glip_pl.label.cli import flag_overrides, load_config
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "label" / "synthetic_demo.yaml")
+    args = build_parser().parse_args(["pseudo-label", "--config", recipe, "--top-k", "1", "--nms-thresh", "0.6",
+                                      "--min-boxes", "2", "--score-thresh", "0.4", "--devices", "2"])
+    cfg = load_config(args.config, flag_overrides(args))
+    f = cfg.filters
+    assert (f.top_k, f.nms_thresh, f.min_boxes, f.score_thresh, cfg.devices) == (1, 0.6, 2, 0.4, 2)
+    plain = load_config(args.config, flag_overrides(build_parser().parse_args(["pseudo-label", "--config", recipe])))
+    assert (plain.filters.top_k, plain.filters.nms_thresh, plain.filters.min_boxes) == (None, None, 1)  # the recipe's
+
+
 def test_student_recipe_stacks_on_the_demo_recipe():
     from pathlib import Path
 

@@ -56,10 +56,26 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--num-workers", type=int, dest="num_workers")
     p.add_argument("--score-thresh", type=float, dest="filters.score_thresh")
+    p.add_argument("--top-k", type=int, dest="filters.top_k", help="keep at most K boxes per phrase")
+    p.add_argument("--nms-thresh", type=float, dest="filters.nms_thresh", help="per-phrase NMS IoU threshold")
+    p.add_argument("--min-boxes", type=int, dest="filters.min_boxes", help="skip captions with fewer kept boxes")
     p.add_argument("--spacy-model", dest="phrases.model")
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
     p.set_defaults(func=run)
+
+
+_FLAG_KEYS = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
+              "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.min_boxes", "phrases.model",
+              "overwrite", "wandb")
+
+
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """The command-line flags as ``load_config`` overrides (unset flags are None and leave the config alone)."""
+    overrides = {k: getattr(args, k, None) for k in _FLAG_KEYS}
+    if overrides.get("devices") is not None and str(overrides["devices"]).isdigit():
+        overrides["devices"] = int(overrides["devices"])
+    return overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,12 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from .phrases import SpacyModelMissing
 
     torch.set_num_threads(1) if not torch.cuda.is_available() else None
-    keys = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
-            "filters.score_thresh", "phrases.model", "overwrite", "wandb")
-    overrides = {k: getattr(args, k, None) for k in keys}
-    if overrides.get("devices") is not None and str(overrides["devices"]).isdigit():
-        overrides["devices"] = int(overrides["devices"])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, flag_overrides(args))
     try:
         result = run_label(cfg)
     except (SpacyModelMissing, GLIPInputError, FileNotFoundError, FileExistsError) as e:

@@ -188,5 +188,13 @@ def test_finetune_recipes_header_and_model_options(name):
         assert model.prompt_tuning and cfg["model"]["lr"] == 0.05 and cfg["model"]["weight_decay"] == 0.25
     if name == "coco":
         assert cfg["model"]["lr"] == cfg["model"]["lang_lr"] == 1e-5
+    from glip_pl.lit.module import GLIPLitModule
+
+    if name in ("odinw_custom", "prompt_tuning"):  # official auto-step: STEP_PATIENCE 3, early stop 8
+        assert cfg["model"]["schedule"] == "autostep" and cfg["model"]["autostep_patience"] == 3
+        stop = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("EarlyStopping")]
+        assert stop and stop[0]["init_args"]["patience"] == 8 and stop[0]["init_args"]["monitor"] == "val/AP"
+        GLIPLitModule(preset="tiny", **{k: v for k, v in cfg["model"].items()
+                                        if k not in ("preset", "init_weights", "model_options")})  # options valid
     if name == "odinw_custom":
         assert model.swin.frozen_stages == 2 and cfg["model"]["weight_decay"] == 0.05 and cfg["data"]["batch_size"] == 4

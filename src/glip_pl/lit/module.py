@@ -3,6 +3,10 @@
 Optimiser and schedule as the official pretraining recipes (reference §5): AdamW, lr 1e-4, language backbone
 1e-5, weight decay per recipe, optional official bias rule (every tensor whose name contains "bias": 2× lr, no
 decay), linear warmup from 0.001 over 2000 steps, step decay ×0.1 at 67% / 89% of the run (cosine optional).
+``schedule: autostep`` is the official fine-tune's auto-step (``SOLVER.USE_AUTOSTEP``, ``WarmupReduceLROnPlateau``):
+the lr is multiplied by ``gamma`` whenever val box AP has not beaten its best by more than 1e-4 (absolute) for
+``autostep_patience`` validations (official ``STEP_PATIENCE`` 3), with a cooldown of one validation after each decay
+and before the first; rank 0's AP decides for every rank, and the state travels with the checkpoint.
 The positive-count normaliser of the loss is averaged across ranks through ``strategy.reduce`` (the hook the
 criterion exposes as ``reduce_mean``).
 
@@ -32,6 +36,10 @@ from glip_pl.model import build_glip
 from glip_pl.model.types import GLIPInputError
 
 
+SCHEDULES = ("step", "cosine", "constant", "autostep")
+AUTOSTEP_COOLDOWN, AUTOSTEP_THRESHOLD = 1, 1e-4  # the official WarmupReduceLROnPlateau's constants
+
+
 class GLIPLitModule(L.LightningModule):
     def __init__(
         self,
@@ -47,6 +55,7 @@ class GLIPLitModule(L.LightningModule):
         schedule: str = "step",
         milestones: tuple = (0.67, 0.89),
         gamma: float = 0.1,
+        autostep_patience: int = 3,
         init_weights: Optional[str] = None,
         eval_score_thresh: float = 0.05,
         log_images_every_n_steps: int = 0,
@@ -59,8 +68,10 @@ class GLIPLitModule(L.LightningModule):
         ``dynamic``, ``backend``). Shapes vary with the image size and the prompt length: after the first
         recompile the compiler marks those dimensions dynamic."""
         super().__init__()
-        if schedule not in ("step", "cosine", "constant"):
-            raise GLIPInputError(f"schedule must be 'step', 'cosine' or 'constant', got {schedule!r}")
+        if schedule not in SCHEDULES:
+            raise GLIPInputError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        if int(autostep_patience) < 1:
+            raise GLIPInputError(f"autostep_patience must be >= 1, got {autostep_patience}")
         self.save_hyperparameters()
         self.model = build_glip(preset, **(model_options or {}))
         if init_weights:
@@ -76,6 +87,7 @@ class GLIPLitModule(L.LightningModule):
         self._bad_in_row = 0
         self._bad_total = 0
         self._bad_first = 0
+        self.autostep_state = {"best": -math.inf, "bad": 0, "cooldown": AUTOSTEP_COOLDOWN, "stage": 0}
 
     # ------------------------------------------------------------------ distributed hook
     def _reduce_mean(self, value: Tensor) -> Tensor:
@@ -199,6 +211,7 @@ class GLIPLitModule(L.LightningModule):
             "numpy": [st[0], torch.from_numpy(st[1].astype("int64")), int(st[2]), int(st[3]), float(st[4])],
             "bad_in_row": self._bad_in_row, "bad_total": self._bad_total,
         }
+        checkpoint["glip_pl_autostep"] = {k: float(v) for k, v in self.autostep_state.items()}
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.world_size > 1:
             # Lightning writes rank 0's dict only: each rank's own RNG (its dropout stream) goes along
@@ -209,6 +222,10 @@ class GLIPLitModule(L.LightningModule):
                 checkpoint["glip_pl_rng"]["by_rank"] = gather_objects([mine])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        auto = checkpoint.get("glip_pl_autostep")
+        if auto:
+            self.autostep_state = {"best": float(auto["best"]), "bad": int(auto["bad"]),
+                                   "cooldown": int(auto["cooldown"]), "stage": int(auto["stage"])}
         st = checkpoint.get("glip_pl_rng")
         if not st:
             return
@@ -259,15 +276,50 @@ class GLIPLitModule(L.LightningModule):
             from glip_pl.distributed import gather_objects
 
             gt, dt = gather_objects(gt), gather_objects(dt)
+        metrics = None
         if self.trainer.is_global_zero and gt:
             from glip_pl.lit.metrics import box_ap
 
             metrics = box_ap(gt, dt)
-            self.last_val_metrics = metrics
-            for k in ("AP", "AP50", "AP75"):
-                self.log(f"val/{k}", metrics[k], rank_zero_only=True)
             print(f"[glip_pl] step {self.global_step}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
                   f"AP75 {metrics['AP75']:.3f} on {len({g[0] for g in gt})} images", flush=True)
+        if self.trainer.world_size > 1:
+            # every rank logs rank 0's AP, so monitors (ModelCheckpoint, EarlyStopping, auto-step) agree on all ranks;
+            # the other ranks would wait for rank 0 at the next step's gradient all-reduce anyway
+            metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        if metrics is None:
+            return
+        self.last_val_metrics = metrics
+        for k in ("AP", "AP50", "AP75"):
+            self.log(f"val/{k}", float(metrics[k]))
+        if self.hparams.schedule == "autostep" and not self.trainer.sanity_checking:
+            if self.autostep_update(float(metrics["AP"])):
+                for conf in self.trainer.lr_scheduler_configs:  # apply now, not after the next optimiser step
+                    sch = conf.scheduler
+                    for group, base, fn in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+                        group["lr"] = base * fn(sch.last_epoch)
+            self.log("lr/autostep_stage", float(self.autostep_state["stage"]))
+
+    def autostep_update(self, metric: float) -> bool:
+        """One validation's AP into the official auto-step rule; True when the lr was just decayed."""
+        st = self.autostep_state
+        if metric > st["best"] + AUTOSTEP_THRESHOLD:
+            st["best"], st["bad"] = metric, 0
+        else:
+            st["bad"] += 1
+        if st["cooldown"] > 0:
+            st["cooldown"] -= 1
+            st["bad"] = 0
+        if st["bad"] >= int(self.hparams.autostep_patience):
+            st["stage"] += 1
+            st["cooldown"], st["bad"] = AUTOSTEP_COOLDOWN, 0
+            trainer = getattr(self, "_trainer", None)
+            if trainer is None or trainer.is_global_zero:
+                print(f"[glip_pl] step {self.global_step}: val AP has not improved on {st['best']:.4f} for "
+                      f"{self.hparams.autostep_patience} validations: lr x{self.hparams.gamma} "
+                      f"(stage {st['stage']})", flush=True)
+            return True
+        return False
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -311,6 +363,8 @@ class GLIPLitModule(L.LightningModule):
                 w = 1.0
             if hp.schedule == "step":
                 return w * hp.gamma ** sum(step >= m for m in marks)
+            if hp.schedule == "autostep":
+                return w * hp.gamma ** self.autostep_state["stage"]
             if hp.schedule == "cosine":
                 prog = min(max(step - warm, 0) / max(total - warm, 1), 1.0)
                 return w * 0.5 * (1 + math.cos(math.pi * prog))

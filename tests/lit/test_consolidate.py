@@ -19,8 +19,12 @@ MAKE = textwrap.dedent("""\
     import torch
     torch.set_num_threads(1)
     import deepspeed
-    import deepspeed.comm.torch as ds_torch
-    ds_torch.build_shm_op = lambda: None  # a C++ inference all-reduce op: minutes of compiling, not needed here
+    import deepspeed.comm.torch
+    # a C++ all-reduce op that compiles for minutes on a fresh machine and is not needed here. Through sys.modules:
+    # ``import deepspeed.comm.torch as m`` binds the torch package (deepspeed.comm has a ``torch`` attribute).
+    ds_torch = sys.modules["deepspeed.comm.torch"]
+    assert hasattr(ds_torch, "TorchBackend"), ds_torch
+    ds_torch.build_shm_op = lambda: None
     from glip_pl.lit.module import GLIPLitModule
 
     class Wrapper(torch.nn.Module):  # Lightning's _LightningModuleWrapperBase: parameters under _forward_module.

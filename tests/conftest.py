@@ -47,3 +47,17 @@ def synthetic_shards(tmp_path_factory):
     generate_synthetic(root, splits={"train": 96, "val": 32}, seed=0, samples_per_shard=16, num_workers=2,
                        progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory, synthetic_shards):
+    """(folder, last.ckpt) of one tiny model pre-trained through ``glip-pl fit`` on the synthetic shards
+    (tests/_tiny_fit.py): the transfer tests fine-tune it, the pseudo-label quality test labels with it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiny_fit import pretrain
+
+    tmp = tmp_path_factory.mktemp("pretrained_tiny")
+    return tmp, pretrain(tmp, synthetic_shards)

@@ -255,3 +255,38 @@ def test_student_recipe_stacks_on_the_demo_recipe():
     assert urls(cfg.data.init_args.train) == ["shards/synthetic/detection", "shards/synthetic/grounding"]
     assert cfg.data.init_args.batch_size == 4 and cfg.data.init_args.num_negatives == 8  # kept from the demo recipe
     assert cfg.model.preset == "tiny"
+
+
+def test_unboxed_phrase_skip_drops_exactly_the_captions_with_a_phrase_left_without_a_box(teacher, synthetic_shards,
+                                                                                         tmp_path):
+    """``filters.unboxed_phrase: skip``: a caption whose phrases did not all get a box is skipped and counted, the rest
+    are written as with ``keep`` (the official behaviour, which writes them all)."""
+    import statistics
+
+    from glip_pl.data import iter_samples
+    from glip_pl.label.job import run_label
+
+    inp = f"{synthetic_shards}/caption"
+    # candidate_thresh below the untrained teacher's token probabilities (~0.01, the prior): the same candidates in
+    # every run, whatever score_thresh
+    filters = {"score_thresh": 0.01, "candidate_thresh": 0.005, "top_k": 1, "max_boxes": 10, "min_boxes": 0}
+    run_label(config(teacher, inp, tmp_path / "all", filters=filters))
+    # the untrained teacher's best score per phrase: a threshold at the median caption's weakest phrase leaves about
+    # half of the captions with a phrase unboxed
+    weakest = [min(s.scores) for s in iter_samples(str(tmp_path / "all"), split="val", decode_images=False)
+               if len(s.scores) == len(s.extra["phrases"])]
+    filters["score_thresh"] = statistics.median(weakest)
+    keep = run_label(config(teacher, inp, tmp_path / "keep", filters=filters))["entry"]
+    samples = {s.id: s for s in iter_samples(str(tmp_path / "keep"), split="val", decode_images=False)}
+    complete = {i for i, s in samples.items() if len(set(s.extra["box_phrases"])) == len(s.extra["phrases"])}
+    assert 0 < len(complete) < len(samples) == keep["labelled"], "the threshold must leave some phrases unboxed"
+    skip = run_label(config(teacher, inp, tmp_path / "skip", filters={**filters, "unboxed_phrase": "skip"}))["entry"]
+    assert skip["labelled"] == len(complete) and skip["input"] == keep["input"] == 32
+    assert skip["skipped"]["unboxed_phrase"] == len(samples) - len(complete)
+    assert sorted(skip["skipped_ids"]["unboxed_phrase"]) == sorted(set(samples) - complete)
+    assert skip["labelled"] + skip["skipped_total"] == skip["input"]
+    kept = {s.id: s for s in iter_samples(str(tmp_path / "skip"), split="val", decode_images=False)}
+    assert set(kept) == complete and all(kept[i].boxes.tolist() == samples[i].boxes.tolist() for i in kept)
+    assert next(iter(kept.values())).provenance["unboxed_phrase"] == "skip"
+    with pytest.raises(ValueError, match="unboxed_phrase"):
+        config(teacher, inp, tmp_path / "x", filters={"unboxed_phrase": "drop"})

@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, dest="filters.top_k", help="keep at most K boxes per phrase")
     p.add_argument("--nms-thresh", type=float, dest="filters.nms_thresh", help="per-phrase NMS IoU threshold")
     p.add_argument("--min-boxes", type=int, dest="filters.min_boxes", help="skip captions with fewer kept boxes")
+    p.add_argument("--unboxed-phrase", choices=("keep", "skip"), dest="filters.unboxed_phrase",
+                   help="a caption with a phrase left without a box: keep it (official) or skip it")
     p.add_argument("--spacy-model", dest="phrases.model")
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
@@ -66,7 +68,7 @@ def register(subparsers) -> None:
 
 
 _FLAG_KEYS = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
-              "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.min_boxes", "phrases.model",
+              "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.min_boxes", "filters.unboxed_phrase", "phrases.model",
               "overwrite", "wandb")
 
 

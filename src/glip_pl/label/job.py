@@ -12,10 +12,11 @@ Prompt = the caption with its noun-phrase spans as the phrases to ground (as GLI
 > ``score_thresh`` (official ``CAPTION_CONF`` 0.5), the model's per-phrase NMS (``nms_thresh``), ``top_k`` boxes per
 phrase, ``max_boxes`` per image, at least ``min_boxes`` per caption (``CAPTION_MIN_BOX`` 1; official resamples, we
 skip and count ``too_few_boxes``). Captions with no phrase: ``no_phrase: skip`` (counted) or ``keep`` (written with
-no boxes).
+no boxes). Captions with a phrase the teacher left without a box: ``unboxed_phrase: keep`` (official) or ``skip``
+(counted): kept, that phrase's tokens are negatives for every anchor, the missed object's included.
 
 Skip reasons: ``bad_record`` (unreadable json / missing fields), ``non_text_caption``, ``empty_caption``,
-``undecodable_image``, ``no_phrase``, ``too_few_boxes``.
+``undecodable_image``, ``no_phrase``, ``too_few_boxes``, ``unboxed_phrase``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .phrases import PhraseConfig, PhraseExtractor
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("bad_record", "non_text_caption", "empty_caption", "undecodable_image", "no_phrase",
-                "too_few_boxes")
+                "too_few_boxes", "unboxed_phrase")
 HIST_BINS = 10  # score histogram over [0, 1]
 PLAN_FILE = ".label.plan"
 
@@ -55,6 +56,9 @@ class FilterConfig:
     max_boxes: int = 100  # at most this many boxes per image (detections_per_img)
     min_boxes: int = 1  # fewer kept boxes → skipped as too_few_boxes (official CAPTION_MIN_BOX)
     no_phrase: str = "skip"  # caption with no phrase: "skip" (counted) or "keep" (written with no boxes)
+    # a phrase left without a box: "keep" the caption (official; the phrase's tokens then train as negatives
+    # everywhere, also on the object the teacher missed) or "skip" it (counted as unboxed_phrase)
+    unboxed_phrase: str = "keep"
 
 
 @dataclass
@@ -103,6 +107,8 @@ class LabelConfig:
                 raise ValueError(f"pseudo-label: `{f}` is required")
         if self.filters.no_phrase not in ("skip", "keep"):
             raise ValueError(f"filters.no_phrase must be 'skip' or 'keep', got {self.filters.no_phrase!r}")
+        if self.filters.unboxed_phrase not in ("skip", "keep"):
+            raise ValueError(f"filters.unboxed_phrase must be 'skip' or 'keep', got {self.filters.unboxed_phrase!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -383,6 +389,9 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                     if len(boxes) < cfg.filters.min_boxes:
                         acc.skip(str(rec["id"]), "too_few_boxes")
                         continue
+                    if cfg.filters.unboxed_phrase == "skip" and len(set(labels)) < P:
+                        acc.skip(str(rec["id"]), "unboxed_phrase")
+                        continue
                 st["kept_hist"] = [a + b for a, b in zip(st["kept_hist"], _hist(raw))]  # unrounded, as candidates
                 out_rec = {
                     "id": str(rec["id"]), "source": cfg.source, "kind": "grounding",
@@ -456,7 +465,8 @@ def _rank_world() -> tuple:
 def plan_hash(cfg: LabelConfig, shards: list, teacher_sha: str) -> str:
     ph = {k: v for k, v in cfg.phrases.to_dict().items() if k not in ("batch_size", "n_process")}
     plan = {"shards": [os.path.basename(s) for s in shards], "teacher": teacher_sha, "phrases": ph,
-            "filters": asdict(cfg.filters), "min_size": cfg.min_size, "max_size": cfg.max_size,
+            "filters": {k: v for k, v in asdict(cfg.filters).items()  # the default keeps earlier plans' hashes
+                        if not (k == "unboxed_phrase" and v == "keep")}, "min_size": cfg.min_size, "max_size": cfg.max_size,
             "source": cfg.source, "split": cfg.output_split or cfg.split}
     return hashlib.sha256(_dumps(plan).encode()).hexdigest()
 
@@ -613,6 +623,7 @@ def provenance_of(cfg: LabelConfig, teacher_path: str, teacher_sha: str, teacher
                                                   else []) if isinstance(v, (int, float, str, bool)) or v is None},
             "score_thresh": cfg.filters.score_thresh, "nms_thresh": cfg.filters.nms_thresh,
             "top_k": cfg.filters.top_k, "min_boxes": cfg.filters.min_boxes, "max_boxes": cfg.filters.max_boxes,
+            "unboxed_phrase": cfg.filters.unboxed_phrase,
             "min_size": cfg.min_size, "max_size": cfg.max_size,
             "spacy_model": cfg.phrases.model, "spacy_model_meta": spacy_info, "phrase_options": cfg.phrases.to_dict(),
             "glip_pl": glip_pl.__version__}

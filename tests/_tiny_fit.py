@@ -23,7 +23,8 @@ def recipe(tmp: Path, name: str, shards: str, *, steps: int, model: dict, train:
         "seed_everything": 7,
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 5,
-            "val_check_interval": steps, "check_val_every_n_epoch": None, "limit_val_batches": VAL_BATCHES if validate else 0,
+            "val_check_interval": steps, "check_val_every_n_epoch": None,
+            "limit_val_batches": VAL_BATCHES if validate else 0,
             "num_sanity_val_steps": VAL_BATCHES if val_first else 0, "enable_progress_bar": False,
             "enable_model_summary": False, "default_root_dir": str(run), "logger": False,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -42,10 +43,15 @@ def recipe(tmp: Path, name: str, shards: str, *, steps: int, model: dict, train:
     return path
 
 
-def fit(cfg: Path, timeout=600, validate=True):
+def glip_pl(*args, timeout=600) -> subprocess.CompletedProcess:
+    """``glip-pl ARGS`` in a subprocess, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    r = subprocess.run([sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(cfg)], capture_output=True,
-                       text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", "glip_pl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def fit(cfg: Path, timeout=600, validate=True):
+    r = glip_pl("fit", "--config", str(cfg), timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     aps = [(int(s), float(a)) for s, a in AP_LINE.findall(r.stdout)]
     assert aps or not validate, r.stdout[-2000:]

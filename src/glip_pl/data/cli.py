@@ -112,7 +112,9 @@ def _captions(args):
 def _synthetic(args):
     from .synthetic import SyntheticConfig, generate_synthetic
 
-    cfg = SyntheticConfig(image_size=args.image_size, max_objects=args.max_objects, format=args.format)
+    ids = None if args.classes is None else tuple(int(i) for i in args.classes.split(",") if i.strip())
+    cfg = SyntheticConfig(image_size=args.image_size, max_objects=args.max_objects, format=args.format,
+                          category_ids=ids)
     res = generate_synthetic(args.out, flavours=args.flavours.split(","), splits={"train": args.train, "val": args.val},
                              seed=args.seed, cfg=cfg, samples_per_shard=args.samples_per_shard,
                              num_workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
@@ -168,6 +170,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-objects", type=int, default=4)
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--flavours", default="detection,grounding,caption")
+    p.add_argument("--classes", default=None, metavar="IDS",
+                   help="comma-separated category ids scenes may hold (default: all 12; ids 1 + 4*shape + colour, "
+                        "shapes circle/square/triangle, colours red/green/blue/yellow)")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help="default: min(64, split size // 8), so each split has at least 8 shards")
     _common(p, split=False)

@@ -43,6 +43,26 @@ class SyntheticConfig:
     noise: int = 12  # uniform background noise amplitude (0 = plain background)
     colour_jitter: int = 12
     format: str = "jpg"  # "jpg" (quality 92) or "png"
+    # Category ids scenes may draw from (default: all 12). A subset makes data that lacks some concepts, as a
+    # gold detection set lacks classes that web captions mention; index.json then lists only these categories.
+    category_ids: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.category_ids is not None:
+            ids = tuple(int(i) for i in self.category_ids)
+            known = {c["id"] for c in CATEGORIES}
+            bad = [i for i in ids if i not in known]
+            if not ids or bad or len(set(ids)) != len(ids):
+                raise ValueError(f"category_ids must be distinct ids among 1..{len(CATEGORIES)}, got {list(ids)}")
+            if len(ids) < self.max_objects:
+                raise ValueError(f"category_ids has {len(ids)} classes but a scene may hold {self.max_objects} "
+                                 "distinct ones (max_objects)")
+            self.category_ids = ids
+
+    @property
+    def categories(self) -> list:
+        """The categories of this data (all, or the ``category_ids`` subset in id order)."""
+        return CATEGORIES if self.category_ids is None else [c for c in CATEGORIES if c["id"] in self.category_ids]
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -54,7 +74,10 @@ def make_scene(seed: int, split: str, index: int, cfg: SyntheticConfig = Synthet
     rng = _rng(seed, split, index)
     S = cfg.image_size
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    cats = [int(c) for c in rng.choice(len(CATEGORIES), size=n, replace=False) + 1]  # distinct classes per scene
+    if cfg.category_ids is None:
+        cats = [int(c) for c in rng.choice(len(CATEGORIES), size=n, replace=False) + 1]  # distinct classes per scene
+    else:
+        cats = [int(c) for c in rng.choice(sorted(cfg.category_ids), size=n, replace=False)]
     objects = []
     for cat in cats:
         for _ in range(100):  # rejection sampling: objects do not overlap (2 px gap)
@@ -197,7 +220,7 @@ def generate_synthetic(
             per_shard = samples_per_shard or max(1, min(64, count // 8))
             result[flavour][split] = write_split(
                 out_dir, split, records, _build, source=f"synthetic-{flavour}",
-                kind=flavour, source_file="<synthetic>", categories=CATEGORIES,
+                kind=flavour, source_file="<synthetic>", categories=cfg.categories,
                 options={"generator": "synthetic", "seed": seed, "config": asdict(cfg)},
                 max_count=per_shard, num_workers=num_workers, verify="header", clip_tolerance=0.0,
                 overwrite=overwrite, progress=progress)

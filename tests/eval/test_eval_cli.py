@@ -49,6 +49,21 @@ def test_evaluate_coco_cli_writes_metrics(files, capsys, backend):
     assert 0 < metrics["AP"] < 1
 
 
+def test_evaluate_coco_cli_per_class(files, capsys):
+    from glip_pl.cli import main
+
+    out = files / "metrics.json"
+    rc = main(["evaluate", "coco", "-a", str(files / "gt.json"), "-d", str(files / "dt.json"), "-o", str(out),
+               "--per-class"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    ref = evaluate_coco(GT, DT, verbose=False, per_category=True)["per_category"]
+    assert {int(k): v for k, v in metrics["per_category"].items()} == ref
+    for cat, m in ref.items():  # one table row per category
+        assert any(ln.split()[:1] == [str(cat)] and m["name"].split()[0] in ln for ln in printed.splitlines())
+
+
 def test_glip_pl_entry_point(files):
     """The installed console entry (`python -m glip_pl.cli`, same as `glip-pl`) runs in a fresh process."""
     r = subprocess.run([sys.executable, "-m", "glip_pl.cli", "evaluate", "coco", "-a", str(files / "gt.json"),

@@ -45,7 +45,7 @@ def make_fixture(seed=0):
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
 
-def pycocotools_stats(gt, dets):
+def pycocotools_stats(gt, dets, cat_ids=None):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -55,6 +55,8 @@ def pycocotools_stats(gt, dets):
         g.createIndex()
         d = g.loadRes(copy.deepcopy(dets))
         ev = COCOeval(g, d, "bbox")
+        if cat_ids is not None:
+            ev.params.catIds = list(cat_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -74,6 +76,28 @@ def test_reproduces_pycocotools_exactly(backend, seed):
         np.testing.assert_array_equal(vals, ref)  # bit for bit
     else:  # the C++ accumulation sums in another order: equal to the last bit or two of a mean
         np.testing.assert_allclose(vals, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_category_ap_equals_a_one_category_evaluation(backend, seed):
+    """``per_category``: each category's AP / AP50 / AP75 equal pycocotools run on that category alone; a category
+    without ground truth has None; the 12 overall numbers are unchanged."""
+    from glip_pl.eval.coco import format_per_category
+
+    gt, dets = make_fixture(seed)
+    got = evaluate_coco(gt, dets, backend=backend, verbose=False, per_category=True)
+    assert {k: got[k] for k in METRIC_NAMES} == pytest.approx(evaluate_coco(gt, dets, backend=backend, verbose=False))
+    per = got["per_category"]
+    assert list(per) == [1, 3, 9]
+    for cat in (1, 3):
+        ref = pycocotools_stats(gt, dets, cat_ids=[cat])
+        assert [per[cat][k] for k in ("AP", "AP50", "AP75")] == pytest.approx(list(ref[:3]), abs=1e-12)
+        assert per[cat]["instances"] == sum(a["category_id"] == cat and not a["iscrowd"] for a in gt["annotations"])
+    assert per[9] == {"name": "remote control", "AP": None, "AP50": None, "AP75": None, "instances": 0}
+    assert per[1]["AP"] != per[3]["AP"]  # the fixture tells them apart
+    table = format_per_category(per).splitlines()
+    assert len(table) == 4 and "person" in table[1] and table[3].split()[-4:] == ["-", "-", "-", "0"]
 
 
 def test_prints_standard_table(capsys):

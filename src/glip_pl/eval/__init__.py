@@ -21,6 +21,7 @@ _EXPORTS = {
     "detections_to_coco": "coco",
     "evaluate_model_coco": "coco",
     "format_table": "coco",
+    "format_per_category": "coco",
     "evaluate_lvis": "lvis",
     "LvisEvaluator": "lvis",
     "evaluate_model_lvis": "lvis",

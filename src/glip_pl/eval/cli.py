@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     common(c)
     c.add_argument("--backend", choices=("faster", "pycocotools"), default="faster",
                    help="faster-coco-eval (default) or the reference pycocotools")
+    c.add_argument("--per-class", action="store_true",
+                   help="also print (and write) AP / AP50 / AP75 of every category")
     c.set_defaults(func=_run_coco)
 
     lv = kinds.add_parser("lvis", help="LVIS v1 box AP, APr/APc/APf (Fixed AP by default)")
@@ -77,7 +79,12 @@ def _run_coco(args) -> int:
     from .detections import validate_detections_file
 
     dets = validate_detections_file(args.detections, args.annotations)
-    metrics = evaluate_coco(args.annotations, dets, backend=args.backend, verbose=not args.quiet, validate=False)
+    metrics = evaluate_coco(args.annotations, dets, backend=args.backend, verbose=not args.quiet, validate=False,
+                            per_category=args.per_class)
+    if args.per_class:
+        from .coco import format_per_category
+
+        return _finish(args, metrics, format_per_category(metrics["per_category"]))
     return _finish(args, metrics)
 
 

@@ -93,14 +93,17 @@ def _results(coco_gt, dets: list, backend: str):
 
 
 def evaluate_coco(gt, detections, iou_type: str = "bbox", backend: str = "faster", img_ids: Optional[Sequence] = None,
-                  verbose: bool = True, print_fn: Callable = print, validate: bool = True) -> dict:
+                  verbose: bool = True, print_fn: Callable = print, validate: bool = True,
+                  per_category: bool = False) -> dict:
     """Score detections against a COCO ground truth; the 12 standard metrics (AP, AP50, ..., ARl) as floats.
 
     gt: a COCO json path, dict or COCO object; detections: a list of ``{image_id, category_id, bbox (x, y, w, h),
     score}`` or a path to such a json. ``img_ids`` restricts the evaluation to those images (default: all images
     of the ground truth, the standard protocol). ``backend="pycocotools"`` uses the reference implementation.
     ``validate`` checks the detections first (``glip_pl.eval.detections``) and raises ``DetectionsFileError``
-    naming the first bad record. Prints the standard table when ``verbose``.
+    naming the first bad record. Prints the standard table when ``verbose``. ``per_category`` adds
+    ``metrics["per_category"]``: ``{category id: {"name", "AP", "AP50", "AP75", "instances"}}`` from the same
+    evaluation (area "all", 100 detections per image; the APs are None for a category without ground truth).
     """
     if iou_type != "bbox":
         raise CocoEvalError(f"iou_type {iou_type!r}: GLIP predicts boxes only; use 'bbox'")
@@ -131,7 +134,42 @@ def evaluate_coco(gt, detections, iou_type: str = "bbox", backend: str = "faster
         for ln in table:
             print_fn(ln)
     stats = np.asarray(ev.stats, dtype=np.float64)
-    return {k: float(stats[i]) for i, k in enumerate(METRIC_NAMES)}
+    metrics = {k: float(stats[i]) for i, k in enumerate(METRIC_NAMES)}
+    if per_category:
+        metrics["per_category"] = _per_category(ev, coco_gt)
+    return metrics
+
+
+def _per_category(ev, coco_gt) -> dict:
+    """Per-category AP / AP50 / AP75 from an accumulated COCOeval (its ``eval["precision"]``, T×R×K×A×M)."""
+    precision = np.asarray(ev.eval["precision"])
+    iou = np.asarray(ev.params.iouThrs)
+    t50, t75 = int(np.argmin(np.abs(iou - 0.5))), int(np.argmin(np.abs(iou - 0.75)))
+    names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.dataset.get("categories", [])}
+    counts: dict = {}
+    for a in coco_gt.dataset.get("annotations", []):
+        if not a.get("iscrowd", 0):
+            counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+
+    def mean(p):
+        p = p[p > -1]
+        return float(p.mean()) if p.size else None
+
+    out = {}
+    for k, cat in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]  # area "all", the last (largest) maxDets
+        out[int(cat)] = {"name": names.get(cat, str(cat)), "AP": mean(p), "AP50": mean(p[t50]), "AP75": mean(p[t75]),
+                         "instances": counts.get(cat, 0)}
+    return out
+
+
+def format_per_category(per_category: dict) -> str:
+    """A plain table of ``evaluate_coco(..., per_category=True)["per_category"]``."""
+    rows = [f"{'id':>6}  {'category':<28} {'AP':>6} {'AP50':>6} {'AP75':>6} {'inst':>6}"]
+    for cat, m in per_category.items():
+        ap = " ".join("     -" if m[k] is None else f"{m[k]:6.3f}" for k in ("AP", "AP50", "AP75"))
+        rows.append(f"{cat:>6}  {m['name'][:28]:<28} {ap} {m['instances']:>6}")
+    return "\n".join(rows)
 
 
 def format_table(metrics: dict) -> str:
@@ -426,6 +464,7 @@ __all__ = [
     "CocoEvaluator",
     "evaluate_coco",
     "format_table",
+    "format_per_category",
     "detections_to_coco",
     "xyxy_to_xywh",
     "default_gather",

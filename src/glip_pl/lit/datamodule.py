@@ -119,6 +119,16 @@ class GroundingDataModule(L.LightningDataModule):
                           prompt_mode=s.prompt_mode,
                           categories=[{"id": c["id"], "name": c["name"]} for c in s.categories] if s.categories else None)
 
+    def val_category_names(self) -> dict:
+        """{category id: name} of the val sources (their ``categories`` or index.json's; the first source wins)."""
+        from glip_pl.data.pipeline import resolve_source
+
+        names: dict = {}
+        for s in self.val_sources:
+            for c in resolve_source(self._spec(s)).categories or []:
+                names.setdefault(int(c["id"]), str(c["name"]))
+        return names
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 
-def box_ap(gt: list, dt: list, verbose: bool = False) -> dict:
+def box_ap(gt: list, dt: list, verbose: bool = False, per_category: bool = False, names: dict | None = None) -> dict:
     """gt: [(image_key, (h, w), boxes xyxy, category ids)], dt: [(image_key, boxes xyxy, scores, category ids)].
 
     Every image is counted once (the first occurrence of its key), so sampler padding or a repeated shard cannot
-    inflate the metric. Returns the 12 COCO metrics (AP, AP50, ...).
+    inflate the metric. Returns the 12 COCO metrics (AP, AP50, ...); ``per_category`` adds ``"per_category"``
+    ({category id: {name, AP, AP50, AP75, instances}}, names from ``names`` where given).
     """
     from glip_pl.eval.coco import evaluate_coco
 
@@ -31,9 +32,17 @@ def box_ap(gt: list, dt: list, verbose: bool = False) -> dict:
             cats.add(int(c))
             dets.append({"image_id": ids[key], "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
                          "score": float(s)})
-    gt_dict = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in sorted(cats)]}
+    names = names or {}
+    gt_dict = {"images": images, "annotations": anns,
+               "categories": [{"id": c, "name": str(names.get(c, c))} for c in sorted(cats)]}
     if not dets:
         from glip_pl.eval.coco import METRIC_NAMES
 
-        return {k: 0.0 for k in METRIC_NAMES}
-    return evaluate_coco(gt_dict, dets, verbose=verbose, validate=True)
+        out = {k: 0.0 for k in METRIC_NAMES}
+        if per_category:
+            counts = {c: sum(a["category_id"] == c for a in anns) for c in sorted(cats)}
+            out["per_category"] = {c: {"name": str(names.get(c, c)), **({k: 0.0 for k in ("AP", "AP50", "AP75")}
+                                   if counts[c] else {k: None for k in ("AP", "AP50", "AP75")}),
+                                   "instances": counts[c]} for c in sorted(cats)}
+        return out
+    return evaluate_coco(gt_dict, dets, verbose=verbose, validate=True, per_category=per_category)

@@ -58,6 +58,7 @@ class GLIPLitModule(L.LightningModule):
         autostep_patience: int = 3,
         init_weights: Optional[str] = None,
         eval_score_thresh: float = 0.05,
+        val_per_class: bool = False,
         log_images_every_n_steps: int = 0,
         max_bad_steps: int = 5,
         compile_head: bool = False,
@@ -66,7 +67,8 @@ class GLIPLitModule(L.LightningModule):
         """``compile_head``: ``torch.compile`` the fusion head (VL-DyHead, most of the step's time) in place, so
         parameter names and checkpoints do not change; ``compile_options`` go to ``torch.compile`` (``mode``,
         ``dynamic``, ``backend``). Shapes vary with the image size and the prompt length: after the first
-        recompile the compiler marks those dimensions dynamic."""
+        recompile the compiler marks those dimensions dynamic. ``val_per_class``: also print each val category's AP
+        (AP50, AP75, instances) and log it as ``val/AP_per_class/<category id>``."""
         super().__init__()
         if schedule not in SCHEDULES:
             raise GLIPInputError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
@@ -280,7 +282,9 @@ class GLIPLitModule(L.LightningModule):
         if self.trainer.is_global_zero and gt:
             from glip_pl.lit.metrics import box_ap
 
-            metrics = box_ap(gt, dt)
+            per_class = bool(self.hparams.get("val_per_class", False))
+            names_of = getattr(self.trainer.datamodule, "val_category_names", None) if per_class else None
+            metrics = box_ap(gt, dt, per_category=per_class, names=names_of() if names_of else None)
             print(f"[glip_pl] step {self.global_step}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
                   f"AP75 {metrics['AP75']:.3f} on {len({g[0] for g in gt})} images", flush=True)
         if self.trainer.world_size > 1:
@@ -292,6 +296,14 @@ class GLIPLitModule(L.LightningModule):
         self.last_val_metrics = metrics
         for k in ("AP", "AP50", "AP75"):
             self.log(f"val/{k}", float(metrics[k]))
+        if metrics.get("per_category"):
+            from glip_pl.eval.coco import format_per_category
+
+            if self.trainer.is_global_zero:
+                print(format_per_category(metrics["per_category"]), flush=True)
+            for cat, m in metrics["per_category"].items():
+                if m["AP"] is not None:
+                    self.log(f"val/AP_per_class/{cat}", float(m["AP"]))
         if self.hparams.schedule == "autostep" and not self.trainer.sanity_checking:
             if self.autostep_update(float(metrics["AP"])):
                 for conf in self.trainer.lr_scheduler_configs:  # apply now, not after the next optimiser step

@@ -91,6 +91,11 @@ def test_fit_validate_checkpoint_and_resume(tmp_path, synthetic_shards):
     assert ck2["global_step"] == 9
     assert (tmp_path / "run" / "wandb_run_id").read_text() == run_id
 
+    # validating a checkpoint names the checkpoint's step (the validate loop itself starts at step 0)
+    r3 = glip_pl("validate", "--config", str(cfg), "--ckpt_path", str(ckdir / "last.ckpt"))
+    assert r3.returncode == 0, r3.stderr[-4000:]
+    assert "[glip_pl] checkpoint step 9: val box AP" in r3.stdout, r3.stdout[-2000:]
+
     # the Lightning checkpoint serves the predictor / teacher path too
     from glip_pl.official import load_glip_checkpoint
 

@@ -224,6 +224,8 @@ class GLIPLitModule(L.LightningModule):
                 checkpoint["glip_pl_rng"]["by_rank"] = gather_objects([mine])
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # validate/test restore the weights but not the fit loop: keep the step for the printed AP line
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
         auto = checkpoint.get("glip_pl_autostep")
         if auto:
             self.autostep_state = {"best": float(auto["best"]), "bad": int(auto["bad"]),
@@ -285,7 +287,10 @@ class GLIPLitModule(L.LightningModule):
             per_class = bool(self.hparams.get("val_per_class", False))
             names_of = getattr(self.trainer.datamodule, "val_category_names", None) if per_class else None
             metrics = box_ap(gt, dt, per_category=per_class, names=names_of() if names_of else None)
-            print(f"[glip_pl] step {self.global_step}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
+            where = f"step {self.global_step}"
+            if self.trainer.state.fn != "fit" and hasattr(self, "_checkpoint_step"):
+                where = f"checkpoint step {self._checkpoint_step}"  # validate/test --ckpt_path
+            print(f"[glip_pl] {where}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
                   f"AP75 {metrics['AP75']:.3f} on {len({g[0] for g in gt})} images", flush=True)
         if self.trainer.world_size > 1:
             # every rank logs rank 0's AP, so monitors (ModelCheckpoint, EarlyStopping, auto-step) agree on all ranks;

@@ -9,9 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny_fit import SIZE  # noqa: E402
 
-pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 def test_val_per_class_logs_every_category_and_averages_to_ap(pretrained_tiny, synthetic_shards, capsys):
     import lightning as L
 
@@ -34,3 +34,20 @@ def test_val_per_class_logs_every_category_and_averages_to_ap(pretrained_tiny, s
     table = capsys.readouterr().out
     for c in CATEGORIES:
         assert any(ln.split()[:1] == [str(c["id"])] and c["name"] in ln for ln in table.splitlines()), c
+
+
+def test_box_ap_per_category_names_and_the_no_detection_case():
+    from glip_pl.lit.metrics import box_ap
+
+    gt = [("a", (20, 20), [[0, 0, 5, 5], [10, 10, 18, 18]], [3, 7]), ("b", (20, 20), [[2, 2, 9, 9]], [3])]
+    empty = box_ap(gt, [], per_category=True, names={3: "cat", 7: "dog"})
+    assert empty["AP"] == 0.0 and empty["per_category"] == {
+        3: {"name": "cat", "AP": 0.0, "AP50": 0.0, "AP75": 0.0, "instances": 2},
+        7: {"name": "dog", "AP": 0.0, "AP50": 0.0, "AP75": 0.0, "instances": 1}}
+    # cat found in image a only (AP 0.5: one of its two boxes), dog found exactly; an unnamed id keeps its number
+    got = box_ap(gt, [("a", [[0, 0, 5, 5], [10, 10, 18, 18], [0, 10, 4, 14]], [0.9, 0.8, 0.7], [3, 7, 11]),
+                      ("b", [], [], [])], per_category=True, names={3: "cat", 7: "dog"})
+    per = got["per_category"]
+    assert per[3]["AP"] == pytest.approx(0.5, abs=0.01) and per[7]["AP"] == pytest.approx(1.0)
+    assert per[11] == {"name": "11", "AP": None, "AP50": None, "AP75": None, "instances": 0}
+    assert got["AP"] == pytest.approx((per[3]["AP"] + per[7]["AP"]) / 2)

@@ -39,10 +39,12 @@ def box_ap(gt: list, dt: list, verbose: bool = False, per_category: bool = False
         from glip_pl.eval.coco import METRIC_NAMES
 
         out = {k: 0.0 for k in METRIC_NAMES}
-        if per_category:
-            counts = {c: sum(a["category_id"] == c for a in anns) for c in sorted(cats)}
-            out["per_category"] = {c: {"name": str(names.get(c, c)), **({k: 0.0 for k in ("AP", "AP50", "AP75")}
-                                   if counts[c] else {k: None for k in ("AP", "AP50", "AP75")}),
-                                   "instances": counts[c]} for c in sorted(cats)}
+        if per_category:  # a category with ground truth and no detection scores 0, as evaluate_coco scores it
+            out["per_category"] = {}
+            for c in sorted(cats):
+                n = sum(a["category_id"] == c for a in anns)
+                ap = 0.0 if n else None
+                out["per_category"][c] = {"name": str(names.get(c, c)), "AP": ap, "AP50": ap, "AP75": ap,
+                                          "instances": n}
         return out
     return evaluate_coco(gt_dict, dets, verbose=verbose, validate=True, per_category=per_category)

@@ -6,7 +6,7 @@ The custom set is the synthetic detection split with the class names overridden 
 user renames an ODinW set's classes): colour and shape words the pre-training data never used ("ruby disc", "jade
 block", ...). Zero-shot the pre-trained model reads them poorly (AP 0.15 where the original names give 0.32), so what
 fine-tuning and prompt tuning add is measured well above the run-to-run noise of a tiny model's AP (±0.02 at these
-budgets); on the original names the model is already trained, where 20 more steps move AP by noise only.
+budgets; see AP_MARGIN); on the original names the model is already trained, where more steps move AP by noise only.
 
 "Before" is measured by the same evaluator on the same val batches: each run validates before its first step
 (Lightning's sanity pass with ``num_sanity_val_steps == limit_val_batches``) and after its last.
@@ -25,8 +25,10 @@ from _tiny_fit import PRETRAIN_STEPS, SIZE, fit, recipe  # noqa: E402
 # The custom set's class names, in the synthetic category order (id 1 + 4 * shape + colour): unseen words.
 COLOURS, SHAPES = ("ruby", "jade", "navy", "amber"), ("disc", "block", "wedge")
 CUSTOM = [{"id": 1 + 4 * s + c, "name": f"{COLOURS[c]} {SHAPES[s]}"} for s in range(3) for c in range(4)]
-FINETUNE_STEPS, PROMPT_STEPS = 80, 60
-AP_MARGIN = 0.04  # twice the run-to-run noise of a tiny model's AP on these 16 val images
+FINETUNE_STEPS, PROMPT_STEPS = 120, 120
+# Asserted AP gain. Over three seeds of the whole chain (pre-training + transfer; seeds 7, 8, 9) the gains were
+# fine-tune +0.228 / +0.041 / +0.136 and prompt tuning +0.117 / +0.056 / +0.148; the suite runs seed 7.
+AP_MARGIN = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +58,16 @@ def state(path):
 
 def test_full_finetune_raises_ap_and_lowers_val_loss(pretrained, synthetic_shards):
     """A full fine-tune on the custom set (all-class prompt of its renamed classes) raises its val box AP and lowers
-    its held-out loss. Measured on this machine: AP 0.146 -> 0.325, loss 1.80 -> 1.60 (tiny, the shared pre-training
-    of tests/_tiny_fit.py, then 80 fine-tuning steps of batch 2 at 160 px)."""
+    its held-out loss. Measured on this machine: AP 0.146 -> 0.374 (tiny, the shared pre-training of
+    tests/_tiny_fit.py, then 120 fine-tuning steps of batch 2 at 160 px, lr 5e-4)."""
     before, after, last = transfer_run(pretrained, synthetic_shards, "finetune", FINETUNE_STEPS,
-                                       {"lr": 1e-3, "lang_lr": 1e-3})
+                                       {"lr": 5e-4, "lang_lr": 5e-4})
     start, end = state(pretrained[1]), state(last)
     assert set(start) == set(end) and any(not torch.equal(start[k], end[k]) for k in start)
     loss0, loss1 = val_loss(pretrained[1], synthetic_shards, False), val_loss(last, synthetic_shards, False)
     print(f"finetune: val loss {loss0:.4f} -> {loss1:.4f}, val box AP {before:.3f} -> {after:.3f}")
     assert loss1 < loss0
-    assert after > before, (before, after)
+    assert after > before + AP_MARGIN, (before, after)
 
 
 def val_loss(ckpt, shards, prompt_tuning):
@@ -86,8 +88,8 @@ def val_loss(ckpt, shards, prompt_tuning):
 
 def test_prompt_tuning_trains_only_the_prompt_and_lowers_val_loss(pretrained, synthetic_shards):
     """Official prompt tuning (lr 0.05, wd 0.25, all else frozen) on the custom set: only the prompt changes and the
-    held-out loss falls and the renamed set's AP rises. Measured on this machine: AP 0.146 -> 0.243, loss 1.80 ->
-    1.62 in 60 steps of batch 2 at 160 px (asserted: a gain above AP_MARGIN). This needs a base that already tells
+    held-out loss falls and the renamed set's AP rises. Measured on this machine: AP 0.146 -> 0.263 in 120 steps of
+    batch 2 at 160 px (asserted: a gain above AP_MARGIN). This needs a base that already tells
     the classes apart by their names: from the earlier 150-step, 128-px base (AP 0.04 on the original names) the same
     run moved AP 0.044 -> 0.041. From a demo-budget base (400 steps at 256 px, AP 0.419) prompt tuning lifts the
     renamed set 0.147 -> 0.444 (100 steps of batch 4 at 256 px, measured outside the suite). The paper finds prompt

@@ -10,7 +10,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tiny_fit import SIZE  # noqa: E402
 
 
-
 @pytest.mark.slow
 def test_val_per_class_logs_every_category_and_averages_to_ap(pretrained_tiny, synthetic_shards, capsys):
     import lightning as L

@@ -105,3 +105,41 @@ def test_class_subset_makes_data_without_some_concepts(tmp_path, shards_cli):
     assert [c["id"] for c in index["categories"]] == list(no_yellow)
     ids = {c for s in iter_samples(str(tmp_path / "detection"), split="train") for c in s.category_ids}
     assert ids <= set(no_yellow) and len(ids) > 4
+
+
+def test_appearance_options_make_a_shifted_domain(tmp_path, shards_cli):
+    """``--noise / --colour-jitter / --object-size / --min-objects / --max-objects``: a 'web' domain that differs
+    from the gold in look (noisier background, smaller and more objects) with the same classes and the same
+    recorded truth; bad values are refused with the field named."""
+    import json
+
+    import pytest
+
+    web = SyntheticConfig(noise=60, min_frac=0.08, max_frac=0.18, min_objects=2, max_objects=6)
+    sides = [b[2] - b[0] for i in range(40) for _, b in make_scene(1, "train", i, web)["objects"]]
+    assert min(sides) >= int(0.08 * 256) and max(sides) <= int(0.18 * 256) + 1
+    counts = [len(make_scene(1, "train", i, web)["objects"]) for i in range(40)]
+    assert min(counts) >= 2 and max(counts) > 4
+
+    def background_spread(cfg):  # per-channel pixel spread of the bare background (outside every box)
+        scene = make_scene(0, "train", 3, cfg)
+        img = np.asarray(render(scene, cfg)).astype(float)
+        bare = np.ones(img.shape[:2], bool)
+        for _, (x1, y1, x2, y2) in scene["objects"]:
+            bare[y1:y2, x1:x2] = False
+        return img[bare].std(0).mean()
+
+    assert background_spread(SyntheticConfig(noise=60)) > 3 * background_spread(SyntheticConfig())
+    for kwargs, field in (({"noise": 300}, "noise"), ({"colour_jitter": -1}, "colour_jitter"),
+                          ({"min_frac": 0.3, "max_frac": 0.2}, "min_frac"), ({"min_frac": 0.001}, "min_frac"),
+                          ({"min_objects": 5, "max_objects": 4}, "min_objects")):
+        with pytest.raises(ValueError, match=field):
+            SyntheticConfig(**kwargs)
+
+    assert shards_cli(["synthetic", "--out", str(tmp_path), "--train", "8", "--val", "4", "--flavours", "detection",
+                       "--noise", "60", "--object-size", "0.08,0.18", "--min-objects", "2", "--max-objects", "6",
+                       "--no-progress", "--workers", "1"]) == 0
+    cfg = json.loads((tmp_path / "detection" / "index.json").read_text())["splits"]["train"]["options"]["config"]
+    assert (cfg["noise"], cfg["min_frac"], cfg["max_frac"], cfg["min_objects"], cfg["max_objects"]) == \
+        (60, 0.08, 0.18, 2, 6)
+    assert shards_cli(["synthetic", "--out", str(tmp_path / "bad"), "--object-size", "0.1", "--no-progress"]) != 0

@@ -113,8 +113,13 @@ def _synthetic(args):
     from .synthetic import SyntheticConfig, generate_synthetic
 
     ids = None if args.classes is None else tuple(int(i) for i in args.classes.split(",") if i.strip())
-    cfg = SyntheticConfig(image_size=args.image_size, max_objects=args.max_objects, format=args.format,
-                          category_ids=ids)
+    try:
+        lo, hi = (float(v) for v in args.object_size.split(","))
+    except ValueError:
+        raise ValueError(f"--object-size takes MIN,MAX (fractions of the image side), got {args.object_size!r}") from None
+    cfg = SyntheticConfig(image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects,
+                          min_frac=lo, max_frac=hi, noise=args.noise, colour_jitter=args.colour_jitter,
+                          format=args.format, category_ids=ids)
     res = generate_synthetic(args.out, flavours=args.flavours.split(","), splits={"train": args.train, "val": args.val},
                              seed=args.seed, cfg=cfg, samples_per_shard=args.samples_per_shard,
                              num_workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
@@ -167,7 +172,12 @@ def register(subparsers) -> None:
     p.add_argument("--val", type=int, default=64, help="val samples per flavour (64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--min-objects", type=int, default=1)
     p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--object-size", default="0.15,0.35", metavar="MIN,MAX",
+                   help="object side as a fraction of the image side (0.15,0.35)")
+    p.add_argument("--noise", type=int, default=12, help="background noise amplitude, 0..255 (12; 0 = plain)")
+    p.add_argument("--colour-jitter", type=int, default=12, help="per-object colour jitter amplitude, 0..255 (12)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--flavours", default="detection,grounding,caption")
     p.add_argument("--classes", default=None, metavar="IDS",

@@ -48,6 +48,14 @@ class SyntheticConfig:
     category_ids: Optional[tuple] = None
 
     def __post_init__(self):
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if not 0 < self.min_frac <= self.max_frac <= 1 or int(self.min_frac * self.image_size) < 4:
+            raise ValueError(f"object size fractions must satisfy 0 < min_frac <= max_frac <= 1 with objects of at "
+                             f"least 4 px, got {self.min_frac}, {self.max_frac} at image_size {self.image_size}")
+        for name in ("noise", "colour_jitter"):
+            if not 0 <= getattr(self, name) <= 255:
+                raise ValueError(f"{name} must be in 0..255, got {getattr(self, name)}")
         if self.category_ids is not None:
             ids = tuple(int(i) for i in self.category_ids)
             known = {c["id"] for c in CATEGORIES}

@@ -108,9 +108,9 @@ def test_class_subset_makes_data_without_some_concepts(tmp_path, shards_cli):
 
 
 def test_appearance_options_make_a_shifted_domain(tmp_path, shards_cli):
-    """``--noise / --colour-jitter / --object-size / --min-objects / --max-objects``: a 'web' domain that differs
-    from the gold in look (noisier background, smaller and more objects) with the same classes and the same
-    recorded truth; bad values are refused with the field named."""
+    """``--noise / --background / --colour-jitter / --object-size / --min-objects / --max-objects``: a 'web' domain
+    that differs from the gold in look (noisier or dark background, smaller and more objects) with the same classes
+    and the same recorded truth; bad values are refused with the field named."""
     import json
 
     import pytest
@@ -130,16 +130,20 @@ def test_appearance_options_make_a_shifted_domain(tmp_path, shards_cli):
         return img[bare].std(0).mean()
 
     assert background_spread(SyntheticConfig(noise=60)) > 3 * background_spread(SyntheticConfig())
+    dark = SyntheticConfig(background=(20, 90))
+    assert np.asarray(render(make_scene(0, "train", 3, dark), dark)).mean() < 110 < \
+        np.asarray(render(make_scene(0, "train", 3))).mean()
     for kwargs, field in (({"noise": 300}, "noise"), ({"colour_jitter": -1}, "colour_jitter"),
                           ({"min_frac": 0.3, "max_frac": 0.2}, "min_frac"), ({"min_frac": 0.001}, "min_frac"),
-                          ({"min_objects": 5, "max_objects": 4}, "min_objects")):
+                          ({"min_objects": 5, "max_objects": 4}, "min_objects"), ({"background": (90, 20)}, "background")):
         with pytest.raises(ValueError, match=field):
             SyntheticConfig(**kwargs)
 
     assert shards_cli(["synthetic", "--out", str(tmp_path), "--train", "8", "--val", "4", "--flavours", "detection",
-                       "--noise", "60", "--object-size", "0.08,0.18", "--min-objects", "2", "--max-objects", "6",
+                       "--noise", "60", "--background", "20,90", "--object-size", "0.08,0.18", "--min-objects", "2", "--max-objects", "6",
                        "--no-progress", "--workers", "1"]) == 0
     cfg = json.loads((tmp_path / "detection" / "index.json").read_text())["splits"]["train"]["options"]["config"]
-    assert (cfg["noise"], cfg["min_frac"], cfg["max_frac"], cfg["min_objects"], cfg["max_objects"]) == \
-        (60, 0.08, 0.18, 2, 6)
-    assert shards_cli(["synthetic", "--out", str(tmp_path / "bad"), "--object-size", "0.1", "--no-progress"]) != 0
+    assert (cfg["noise"], cfg["min_frac"], cfg["max_frac"], cfg["min_objects"], cfg["max_objects"],
+            list(cfg["background"])) == (60, 0.08, 0.18, 2, 6, [20, 90])
+    for flag, bad in (("--object-size", "0.1"), ("--background", "dark"), ("--noise", "999")):
+        assert shards_cli(["synthetic", "--out", str(tmp_path / "bad"), flag, bad, "--no-progress"]) == 1

@@ -117,8 +117,14 @@ def _synthetic(args):
         lo, hi = (float(v) for v in args.object_size.split(","))
     except ValueError:
         raise ValueError(f"--object-size takes MIN,MAX (fractions of the image side), got {args.object_size!r}") from None
+    try:
+        bg = tuple(int(v) for v in args.background.split(","))
+        assert len(bg) == 2
+    except (ValueError, AssertionError):
+        raise ValueError(f"--background takes LO,HI (channel values), got {args.background!r}") from None
     cfg = SyntheticConfig(image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects,
                           min_frac=lo, max_frac=hi, noise=args.noise, colour_jitter=args.colour_jitter,
+                          background=bg,
                           format=args.format, category_ids=ids)
     res = generate_synthetic(args.out, flavours=args.flavours.split(","), splits={"train": args.train, "val": args.val},
                              seed=args.seed, cfg=cfg, samples_per_shard=args.samples_per_shard,
@@ -177,6 +183,8 @@ def register(subparsers) -> None:
     p.add_argument("--object-size", default="0.15,0.35", metavar="MIN,MAX",
                    help="object side as a fraction of the image side (0.15,0.35)")
     p.add_argument("--noise", type=int, default=12, help="background noise amplitude, 0..255 (12; 0 = plain)")
+    p.add_argument("--background", default="170,246", metavar="LO,HI",
+                   help="background channel range (170,246: light; 20,90: dark scenes)")
     p.add_argument("--colour-jitter", type=int, default=12, help="per-object colour jitter amplitude, 0..255 (12)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--flavours", default="detection,grounding,caption")

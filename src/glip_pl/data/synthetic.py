@@ -42,6 +42,7 @@ class SyntheticConfig:
     max_frac: float = 0.35
     noise: int = 12  # uniform background noise amplitude (0 = plain background)
     colour_jitter: int = 12
+    background: tuple = (170, 246)  # each background channel drawn from [lo, hi); (20, 90) = dark scenes
     format: str = "jpg"  # "jpg" (quality 92) or "png"
     # Category ids scenes may draw from (default: all 12). A subset makes data that lacks some concepts, as a
     # gold detection set lacks classes that web captions mention; index.json then lists only these categories.
@@ -53,6 +54,10 @@ class SyntheticConfig:
         if not 0 < self.min_frac <= self.max_frac <= 1 or int(self.min_frac * self.image_size) < 4:
             raise ValueError(f"object size fractions must satisfy 0 < min_frac <= max_frac <= 1 with objects of at "
                              f"least 4 px, got {self.min_frac}, {self.max_frac} at image_size {self.image_size}")
+        lo, hi = (int(v) for v in self.background)
+        if not 0 <= lo < hi <= 256:
+            raise ValueError(f"background must be a range lo < hi within 0..256, got {tuple(self.background)}")
+        self.background = (lo, hi)
         for name in ("noise", "colour_jitter"):
             if not 0 <= getattr(self, name) <= 255:
                 raise ValueError(f"{name} must be in 0..255, got {getattr(self, name)}")
@@ -144,7 +149,7 @@ def render(scene: dict, cfg: SyntheticConfig = SyntheticConfig()):
     from PIL import Image, ImageDraw
 
     rng, S = scene["rng"], cfg.image_size
-    base = rng.integers(170, 246, size=3)
+    base = rng.integers(cfg.background[0], cfg.background[1], size=3)
     pix = np.broadcast_to(base, (S, S, 3)).astype(np.int16)
     if cfg.noise:
         pix = pix + rng.integers(-cfg.noise, cfg.noise + 1, size=(S, S, 3), dtype=np.int16)

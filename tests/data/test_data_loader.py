@@ -79,6 +79,20 @@ def test_eval_ranks_see_every_sample_once(synthetic_shards, tokenizer):
     assert sorted(seen) == want
 
 
+def test_eval_pass_stopped_early_restarts_from_the_first_sample(synthetic_shards, tokenizer):
+    """Lightning stops a sanity check (num_sanity_val_steps) or a limit_val_batches pass early; the next validation
+    must score the same images from the top, not resume where the last one stopped (or find nothing left)."""
+    for workers in (0, 1):
+        loader = build_loader([SourceSpec(f"{synthetic_shards}/detection", split="val")], tokenizer, batch_size=2,
+                              train=False, num_workers=workers, transforms=TransformConfig.tiny(train=False))
+        it = iter(loader)
+        first = [next(it).ids for _ in range(2)]  # a sanity check of 2 batches
+        del it
+        full = [b.ids for b in loader]
+        assert full[:2] == first and len(full) == len(loader) == 16  # all 32 val images, from the first
+        assert [b.ids for b in loader] == full  # and again after a complete pass
+
+
 def test_startup_check_names_the_source(synthetic_shards, tokenizer):
     with pytest.raises(ValueError, match="synthetic-grounding.*2 shard.*world_size 2 × num_workers 2"):
         build_loader([SourceSpec(f"{synthetic_shards}/grounding", split="val")], tokenizer, 4, num_workers=2,

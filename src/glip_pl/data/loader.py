@@ -32,7 +32,8 @@ def _identity(x):
 
 
 class GroundingLoader:
-    """Iterable of ``GroundingBatch`` over one epoch per ``iter()``; see ``build_loader``."""
+    """Iterable of ``GroundingBatch`` over one epoch per ``iter()``; see ``build_loader``. A train loader resumes an
+    interrupted epoch where its consumer stopped; an eval loader (``train=False``) starts every pass from the top."""
 
     def __init__(self, stream: GroundingStream, num_workers: int, pin_memory: bool = False,
                  prefetch_factor: Optional[int] = None, timeout: float = 0):
@@ -53,6 +54,12 @@ class GroundingLoader:
     def __iter__(self):
         W = self.stream.num_workers
         s = self.stream
+        if not s.train:
+            # an eval pass always starts at the first sample: Lightning stops a sanity check or a limit_val_batches
+            # pass early, and resuming there made the next validation score other images (or none at all)
+            self.batches, self.workers, self._resume_rank = 0, {}, None
+            self.history.clear()
+            self._counts.clear()
         s.epoch, s.rotation = self.epoch, self.batches % W
         s.start = {w: (d, self._skip_for(w, d, r)) for w, (d, r) in self.workers.items()}
         kw = {}

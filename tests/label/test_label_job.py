@@ -227,12 +227,35 @@ def test_filter_flags_override_the_recipe():
 
     recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "label" / "synthetic_demo.yaml")
     args = build_parser().parse_args(["pseudo-label", "--config", recipe, "--top-k", "1", "--nms-thresh", "0.6",
-                                      "--min-boxes", "2", "--score-thresh", "0.4", "--devices", "2"])
+                                      "--min-boxes", "2", "--score-thresh", "0.4", "--devices", "2",
+                                      "--cross-phrase-nms", "0.5"])
     cfg = load_config(args.config, flag_overrides(args))
     f = cfg.filters
     assert (f.top_k, f.nms_thresh, f.min_boxes, f.score_thresh, cfg.devices) == (1, 0.6, 2, 0.4, 2)
+    assert f.cross_phrase_nms == 0.5
     plain = load_config(args.config, flag_overrides(build_parser().parse_args(["pseudo-label", "--config", recipe])))
     assert (plain.filters.top_k, plain.filters.nms_thresh, plain.filters.min_boxes) == (None, None, 1)  # the recipe's
+    assert plain.filters.cross_phrase_nms is None
+
+
+def test_cross_phrase_nms_gives_an_object_to_one_phrase():
+    """One object detected under two phrases: off (official), both keep it; on, the higher score keeps it and the
+    other phrase falls back to its next box (top-1 per phrase); boxes that do not overlap are untouched."""
+    from types import SimpleNamespace
+
+    from glip_pl.label.job import FilterConfig, LabelConfig, filter_detections
+
+    obj, other, far = [10., 10., 50., 50.], [12., 11., 51., 49.], [100., 100., 140., 140.]
+    det = SimpleNamespace(boxes=torch.tensor([obj, obj, other, far, [60., 60., 90., 90.]]),
+                          scores=torch.tensor([0.9, 0.8, 0.4, 0.7, 0.2]), labels=torch.tensor([0, 1, 1, 2, 2]))
+    off = filter_detections(det, 3, FilterConfig(score_thresh=0.3, top_k=1))
+    assert off == [0, 1, 3]  # phrase 1's best box is phrase 0's object
+    on = filter_detections(det, 3, FilterConfig(score_thresh=0.3, top_k=1, cross_phrase_nms=0.5))
+    assert on == [0, 3]  # phrase 1's other box overlaps the object too: phrase 1 is left without a box
+    det.boxes[2] = torch.tensor([200., 10., 240., 50.])  # phrase 1's second box elsewhere: it falls back to it
+    assert filter_detections(det, 3, FilterConfig(score_thresh=0.3, top_k=1, cross_phrase_nms=0.5)) == [0, 3, 2]
+    with pytest.raises(ValueError, match="cross_phrase_nms"):
+        LabelConfig.from_dict({"teacher": "t", "input": "i", "output": "o", "filters": {"cross_phrase_nms": 1.5}})
 
 
 def test_student_recipe_stacks_on_the_demo_recipe():

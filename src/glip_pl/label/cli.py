@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--score-thresh", type=float, dest="filters.score_thresh")
     p.add_argument("--top-k", type=int, dest="filters.top_k", help="keep at most K boxes per phrase")
     p.add_argument("--nms-thresh", type=float, dest="filters.nms_thresh", help="per-phrase NMS IoU threshold")
+    p.add_argument("--cross-phrase-nms", type=float, dest="filters.cross_phrase_nms", metavar="IOU",
+                   help="class-agnostic NMS before top-k: one object, one phrase (off by default, as official)")
     p.add_argument("--min-boxes", type=int, dest="filters.min_boxes", help="skip captions with fewer kept boxes")
     p.add_argument("--unboxed-phrase", choices=("keep", "skip"), dest="filters.unboxed_phrase",
                    help="a caption with a phrase left without a box: keep it (official) or skip it")
@@ -68,7 +70,8 @@ def register(subparsers) -> None:
 
 
 _FLAG_KEYS = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
-              "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.min_boxes",
+              "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.cross_phrase_nms",
+              "filters.min_boxes",
               "filters.unboxed_phrase", "phrases.model", "overwrite", "wandb")
 
 

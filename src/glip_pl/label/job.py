@@ -9,7 +9,8 @@ is either labelled or counted as skipped with its reason, so ``input == labelled
 ``index.json``.
 
 Prompt = the caption with its noun-phrase spans as the phrases to ground (as GLIP-L's pseudo data). Filters: score
-> ``score_thresh`` (official ``CAPTION_CONF`` 0.5), the model's per-phrase NMS (``nms_thresh``), ``top_k`` boxes per
+> ``score_thresh`` (official ``CAPTION_CONF`` 0.5), the model's per-phrase NMS (``nms_thresh``), optional NMS across
+phrases (``cross_phrase_nms``: one object, one phrase; not in the official data), ``top_k`` boxes per
 phrase, ``max_boxes`` per image, at least ``min_boxes`` per caption (``CAPTION_MIN_BOX`` 1; official resamples, we
 skip and count ``too_few_boxes``). Captions with no phrase: ``no_phrase: skip`` (counted) or ``keep`` (written with
 no boxes). Captions with a phrase the teacher left without a box: ``unboxed_phrase: keep`` (official) or ``skip``
@@ -53,6 +54,10 @@ class FilterConfig:
     candidate_thresh: float = 0.05  # teacher's own threshold: candidates for the histogram / kept fraction
     nms_thresh: Optional[float] = None  # per-phrase NMS IoU (None: the model's, 0.6)
     top_k: Optional[int] = None  # at most this many boxes per phrase (None: all)
+    # class-agnostic NMS at this IoU over the boxes above score_thresh, before top_k: of boxes on one object only
+    # the highest-scoring keeps it, whatever its phrase, and another phrase falls back to its next box. None: off
+    # (official; one object may then serve two phrases)
+    cross_phrase_nms: Optional[float] = None
     max_boxes: int = 100  # at most this many boxes per image (detections_per_img)
     min_boxes: int = 1  # fewer kept boxes → skipped as too_few_boxes (official CAPTION_MIN_BOX)
     no_phrase: str = "skip"  # caption with no phrase: "skip" (counted) or "keep" (written with no boxes)
@@ -109,6 +114,9 @@ class LabelConfig:
             raise ValueError(f"filters.no_phrase must be 'skip' or 'keep', got {self.filters.no_phrase!r}")
         if self.filters.unboxed_phrase not in ("skip", "keep"):
             raise ValueError(f"filters.unboxed_phrase must be 'skip' or 'keep', got {self.filters.unboxed_phrase!r}")
+        x = self.filters.cross_phrase_nms
+        if x is not None and not 0.0 < float(x) <= 1.0:
+            raise ValueError(f"filters.cross_phrase_nms must be an IoU in (0, 1] or null, got {x!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -309,11 +317,18 @@ def _hist(scores, bins: int = HIST_BINS) -> list:
 
 
 def filter_detections(det, P: int, f: FilterConfig) -> tuple:
-    """(kept indices sorted by phrase then descending score) after threshold, per-phrase top-k and max boxes."""
+    """(kept indices in descending score) after threshold, optional cross-phrase NMS, per-phrase top-k and max
+    boxes."""
     scores = det.scores.float().cpu()
     labels = det.labels.cpu()
     keep = torch.nonzero(scores > f.score_thresh).flatten().tolist()
     keep.sort(key=lambda k: (-float(scores[k]), k))
+    if f.cross_phrase_nms is not None and len(keep) > 1:
+        from torchvision.ops import nms
+
+        idx = torch.tensor(keep)
+        survivors = nms(det.boxes.float().cpu()[idx], scores[idx], float(f.cross_phrase_nms))
+        keep = sorted((keep[int(j)] for j in survivors), key=lambda k: (-float(scores[k]), k))
     if f.top_k is not None:
         per: dict = {}
         kk = []
@@ -625,7 +640,7 @@ def provenance_of(cfg: LabelConfig, teacher_path: str, teacher_sha: str, teacher
                                                   else []) if isinstance(v, (int, float, str, bool)) or v is None},
             "score_thresh": cfg.filters.score_thresh, "nms_thresh": cfg.filters.nms_thresh,
             "top_k": cfg.filters.top_k, "min_boxes": cfg.filters.min_boxes, "max_boxes": cfg.filters.max_boxes,
-            "unboxed_phrase": cfg.filters.unboxed_phrase,
+            "unboxed_phrase": cfg.filters.unboxed_phrase, "cross_phrase_nms": cfg.filters.cross_phrase_nms,
             "min_size": cfg.min_size, "max_size": cfg.max_size,
             "spacy_model": cfg.phrases.model, "spacy_model_meta": spacy_info, "phrase_options": cfg.phrases.to_dict(),
             "glip_pl": glip_pl.__version__}

@@ -116,7 +116,8 @@ def _synthetic(args):
     try:
         lo, hi = (float(v) for v in args.object_size.split(","))
     except ValueError:
-        raise ValueError(f"--object-size takes MIN,MAX (fractions of the image side), got {args.object_size!r}") from None
+        raise ValueError(f"--object-size takes MIN,MAX (fractions of the image side), "
+                         f"got {args.object_size!r}") from None
     try:
         bg = tuple(int(v) for v in args.background.split(","))
         assert len(bg) == 2
@@ -124,8 +125,7 @@ def _synthetic(args):
         raise ValueError(f"--background takes LO,HI (channel values), got {args.background!r}") from None
     cfg = SyntheticConfig(image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects,
                           min_frac=lo, max_frac=hi, noise=args.noise, colour_jitter=args.colour_jitter,
-                          background=bg,
-                          format=args.format, category_ids=ids)
+                          background=bg, format=args.format, category_ids=ids)
     res = generate_synthetic(args.out, flavours=args.flavours.split(","), splits={"train": args.train, "val": args.val},
                              seed=args.seed, cfg=cfg, samples_per_shard=args.samples_per_shard,
                              num_workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)

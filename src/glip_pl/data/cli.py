@@ -108,21 +108,24 @@ def _captions(args):
         **_write_kw(args)))
 
 
+def _pair(text: str, kind, what: str) -> tuple:
+    """"A,B" as two numbers of ``kind``, or a ValueError saying ``what`` the flag takes."""
+    parts = text.split(",")
+    try:
+        if len(parts) == 2:
+            return kind(parts[0]), kind(parts[1])
+    except ValueError:
+        pass
+    raise ValueError(f"{what}, got {text!r}")
+
+
 @_run
 def _synthetic(args):
     from .synthetic import SyntheticConfig, generate_synthetic
 
     ids = None if args.classes is None else tuple(int(i) for i in args.classes.split(",") if i.strip())
-    try:
-        lo, hi = (float(v) for v in args.object_size.split(","))
-    except ValueError:
-        raise ValueError(f"--object-size takes MIN,MAX (fractions of the image side), "
-                         f"got {args.object_size!r}") from None
-    try:
-        bg = tuple(int(v) for v in args.background.split(","))
-        assert len(bg) == 2
-    except (ValueError, AssertionError):
-        raise ValueError(f"--background takes LO,HI (channel values), got {args.background!r}") from None
+    lo, hi = _pair(args.object_size, float, "--object-size takes MIN,MAX (fractions of the image side)")
+    bg = _pair(args.background, int, "--background takes LO,HI (channel values)")
     cfg = SyntheticConfig(image_size=args.image_size, min_objects=args.min_objects, max_objects=args.max_objects,
                           min_frac=lo, max_frac=hi, noise=args.noise, colour_jitter=args.colour_jitter,
                           background=bg, format=args.format, category_ids=ids)

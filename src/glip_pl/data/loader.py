@@ -57,9 +57,7 @@ class GroundingLoader:
         if not s.train:
             # an eval pass always starts at the first sample: Lightning stops a sanity check or a limit_val_batches
             # pass early, and resuming there made the next validation score other images (or none at all)
-            self.batches, self.workers, self._resume_rank = 0, {}, None
-            self.history.clear()
-            self._counts.clear()
+            self._rewind()
         s.epoch, s.rotation = self.epoch, self.batches % W
         s.start = {w: (d, self._skip_for(w, d, r)) for w, (d, r) in self.workers.items()}
         kw = {}
@@ -83,6 +81,10 @@ class GroundingLoader:
             batch.skip_totals = {**self.skips, "kept": self.kept}
             yield batch
         self.epoch += 1  # a complete epoch: the next iteration starts the next one
+        self._rewind()
+
+    def _rewind(self) -> None:
+        """Forget the position within the epoch: the next iteration starts at its first batch."""
         self.batches, self.workers, self._resume_rank = 0, {}, None
         self.history.clear()
         self._counts.clear()

@@ -3,7 +3,8 @@
 Compares variants in one run (ratios are what count on shared machines):
   text padded to 256 (official) vs. to the batch's longest prompt; plain attention vs. SDPA; the per-image ATSS +
   loss loop (official style) vs. the vectorised one; with activation checkpointing (every part); with
-  ``torch.compile`` of the fusion head; fp32 vs. bf16 autocast (``--dtype``, GPU).
+  ``torch.compile`` of the fusion head; torchvision's deformable conv kernel vs. the grid_sample form that the model
+  uses off CUDA; fp32 vs. bf16 autocast (``--dtype``, GPU).
 Each variant runs in its own subprocess so peak memory (CUDA allocator on GPU, max RSS on CPU) is per variant.
 
 FLOPs are counted once per text length with ``torch.utils.flop_counter`` on the plain-attention model (forward +
@@ -39,8 +40,10 @@ VARIANTS = {
     "glip_pl, per-image ATSS + loss loop": dict(GLIP_PL, loss_loop=True),
     "glip_pl + activation checkpointing": dict(GLIP_PL, checkpointing=True),
     "glip_pl + torch.compile(head)": dict(GLIP_PL, compile=True),
+    "glip_pl, torchvision deform_conv2d kernel": dict(GLIP_PL, deform_conv="torchvision"),
 }
-DEFAULTS = dict(pad256=False, use_sdpa=True, loss_loop=False, checkpointing=False, compile=False)
+# deform_conv "auto": torchvision's kernel on CUDA, the grid_sample form elsewhere (model/dyhead.py)
+DEFAULTS = dict(pad256=False, use_sdpa=True, loss_loop=False, checkpointing=False, compile=False, deform_conv="auto")
 
 # dense peak TFLOP/s (no sparsity) by device name fragment and autocast dtype
 PEAK_TFLOPS = {
@@ -105,7 +108,7 @@ def run_variant(args) -> dict:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     ckpt = dict(checkpoint_backbone=True, checkpoint_text=True, checkpoint_fusion=True, checkpoint_dyhead=True)
-    model = build_glip(args.preset, use_sdpa=args.use_sdpa, dropblock=False,
+    model = build_glip(args.preset, use_sdpa=args.use_sdpa, dropblock=False, deform_conv=args.deform_conv,
                        **(ckpt if args.checkpointing else {})).to(dev).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if args.compile:
@@ -229,7 +232,6 @@ def main(argv=None) -> int:
         r["useful_flops"] = useful
         r["model_tflops_per_s"] = useful / r["step_s"] / 1e12 if useful else None
         r["mfu"] = r["model_tflops_per_s"] / peak if (useful and peak) else None
-    base = next((r for r in rows if "step_s" in r), None)
     base = next((r for r in rows if "step_s" in r), None)
     print(f"\npreset={args.preset} input={args.h}x{args.w} batch={args.batch} prompt~{args.prompt_tokens} tokens "
           f"device={args.device} dtype={args.dtype} commit={git_commit()} peak={peak or '?'} TFLOP/s")

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from official_listing import official_block
 
-from glip_pl.model.dyhead import DyHeadBlock, ModulatedDeformConv3x3, offsets_for_coarser_level
+from glip_pl.model.dyhead import DyHeadBlock, ModulatedDeformConv3x3, deform_conv3x3_grid_sample, offsets_for_coarser_level
+from glip_pl.model import build_glip
 
 C = 32
 SIZES = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
@@ -43,10 +44,14 @@ def test_init():
     assert block.offset.bias.abs().sum() > 0
 
 
+IMPLS = ["torchvision", "grid_sample"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_zero_offsets_unit_mask_equals_conv2d(stride):
+def test_zero_offsets_unit_mask_equals_conv2d(stride, impl):
     torch.manual_seed(0)
-    conv = ModulatedDeformConv3x3(8, 6, stride=stride)
+    conv = ModulatedDeformConv3x3(8, 6, stride=stride, impl=impl)
     with torch.no_grad():
         conv.bias.normal_()
     x = torch.randn(2, 8, 9, 7)
@@ -74,11 +79,12 @@ def reference_mdcn(x, offset, mask, weight, bias, stride):
     return out
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_offset_layout_matches_dcnv2_reference(stride):
-    """Random offsets/mask: torchvision's layout is the official (dy, dx)-interleaved one."""
+def test_offset_layout_matches_dcnv2_reference(stride, impl):
+    """Random offsets/mask: torchvision's layout is the official (dy, dx)-interleaved one (and so is ours)."""
     torch.manual_seed(0)
-    conv = ModulatedDeformConv3x3(4, 5, stride=stride)
+    conv = ModulatedDeformConv3x3(4, 5, stride=stride, impl=impl)
     with torch.no_grad():
         conv.bias.normal_()
     x = torch.randn(2, 4, 8, 9)
@@ -88,6 +94,52 @@ def test_offset_layout_matches_dcnv2_reference(stride):
     out = conv(x, offset, mask)
     ref = reference_mdcn(x, offset, mask, conv.weight, conv.bias, stride)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape,stride", [((2, 4, 8, 9), 1), ((2, 4, 8, 9), 2), ((1, 3, 1, 5), 1), ((1, 2, 2, 1), 2)])
+def test_grid_sample_form_equals_torchvision_values_and_gradients(shape, stride):
+    """The CPU path (one grid_sample + matmul) is torchvision's deform_conv2d: same outputs and the same gradients
+    for input, offsets, mask, weight and bias, in float64, with offsets that carry taps past every border (and
+    1-pixel-high / -wide inputs, where a naive align_corners normalisation would divide by zero)."""
+    from torchvision.ops import deform_conv2d
+
+    g = torch.Generator().manual_seed(sum(shape) + stride)
+    b, c, h, w = shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    offset = 3.0 * torch.randn(b, 18, ho, wo, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, 9, ho, wo, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, c, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, offset, mask, weight, bias)]
+    ref = deform_conv2d(x, offset, weight, bias, stride=stride, padding=1, mask=mask)
+    out = deform_conv3x3_grid_sample(x, offset, mask, weight, bias, stride)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads_ref = torch.autograd.grad((ref * up).sum(), inputs)
+    grads = torch.autograd.grad((out * up).sum(), inputs)
+    for name, a, e in zip(("x", "offset", "mask", "weight", "bias"), grads, grads_ref):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-9, msg=name)
+
+
+def test_model_option_picks_the_deformable_conv_kernel():
+    """``deform_conv`` reaches every DyHead conv; "auto" is torchvision's kernel on CUDA and the grid_sample form on
+    CPU, and both give the tiny model's outputs to fp32 rounding; an unknown name is a clear error."""
+    torch.manual_seed(0)
+    auto = build_glip("tiny", dropblock=False).eval()
+    tv = build_glip("tiny", dropblock=False, deform_conv="torchvision").eval()
+    tv.load_state_dict(auto.state_dict())
+    convs = [m for m in tv.modules() if isinstance(m, ModulatedDeformConv3x3)]
+    assert convs and all(m.impl == "torchvision" for m in convs)
+    images = torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8)
+    sizes = torch.tensor([[96, 128], [80, 120]])
+    text, _ = auto.tokenize(["red circle. blue square."] * 2)
+    with torch.no_grad():
+        a, t = auto(images, sizes, text), tv(images, sizes, text)
+    torch.testing.assert_close(a.logits, t.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.box_regression, t.box_regression, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="deform_conv 'cuda'"):
+        ModulatedDeformConv3x3(4, 4, impl="cuda")
 
 
 def test_official_compat_offsets_are_the_flat_memory_reinterpretation():

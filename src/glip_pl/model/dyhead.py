@@ -24,12 +24,44 @@ from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 
-class ModulatedDeformConv3x3(nn.Module):
-    """DCNv2 3×3 conv (groups 1, one offset group, padding 1), always computed in fp32 like the official op."""
+DEFORM_CONV_IMPLS = ("auto", "torchvision", "grid_sample")
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+
+def deform_conv3x3_grid_sample(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor,
+                               stride: int) -> Tensor:
+    """The same modulated 3×3 deformable conv (padding 1) as ``torchvision.ops.deform_conv2d``, from stock ops:
+    one ``grid_sample`` gathers the 9 bilinear taps of every output position, one matmul applies the weight.
+
+    Tap k = i·3 + j of output (y, x) reads input (y·s − 1 + i + dy_k, x·s − 1 + j + dx_k); a corner outside the
+    image reads 0 — torchvision's rule, which is ``grid_sample``'s zero padding at pixel centres (align_corners
+    False). On CPU its forward + backward is 3–5× faster than torchvision's kernel (BENCHMARKS.md) at the cost of
+    the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to rounding (tests/model/test_dyhead.py)."""
+    b, c, h, w = x.shape
+    ho, wo = offset.shape[-2:]
+    taps = torch.arange(3, device=x.device, dtype=x.dtype)
+    off = offset.view(b, 9, 2, ho, wo)  # (dy, dx) of tap k at channels 2k, 2k+1
+    ys = (torch.arange(ho, device=x.device, dtype=x.dtype) * stride - 1).view(1, 1, ho, 1)
+    xs = (torch.arange(wo, device=x.device, dtype=x.dtype) * stride - 1).view(1, 1, 1, wo)
+    y = ys + taps.repeat_interleave(3).view(1, 9, 1, 1) + off[:, :, 0]  # (B,9,Ho,Wo) rows, pixel units
+    xx = xs + taps.repeat(3).view(1, 9, 1, 1) + off[:, :, 1]
+    grid = torch.stack(((2 * xx + 1) / w - 1, (2 * y + 1) / h - 1), dim=-1).view(b, 9 * ho, wo, 2)
+    cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B,C,9·Ho,Wo)
+    cols = cols.view(b, c, 9, ho * wo) * mask.reshape(b, 1, 9, ho * wo)
+    out = torch.matmul(weight.reshape(weight.shape[0], c * 9), cols.view(b, c * 9, ho * wo))  # weight (O, C·9)
+    return (out + bias.view(1, -1, 1)).view(b, -1, ho, wo)
+
+
+class ModulatedDeformConv3x3(nn.Module):
+    """DCNv2 3×3 conv (groups 1, one offset group, padding 1), always computed in fp32 like the official op.
+
+    ``impl``: "torchvision" (``torchvision.ops.deform_conv2d``), "grid_sample" (``deform_conv3x3_grid_sample``,
+    the same function) or "auto" — torchvision's kernel on CUDA, the grid_sample form elsewhere (faster on CPU)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: str = "auto"):
         super().__init__()
-        self.stride = stride
+        if impl not in DEFORM_CONV_IMPLS:
+            raise ValueError(f"deform_conv {impl!r}: use one of {', '.join(DEFORM_CONV_IMPLS)}")
+        self.stride, self.impl = stride, impl
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, 3, 3))
         self.bias = nn.Parameter(torch.empty(out_channels))
         self.reset_parameters()
@@ -45,24 +77,22 @@ class ModulatedDeformConv3x3(nn.Module):
         """x (B,C_in,H,W), offset (B,2K,Ho,Wo), mask (B,K,Ho,Wo) in [0,1] -> (B,C_out,Ho,Wo), dtype of x."""
         # The official op is wrapped in custom_fwd(cast_inputs=float32): same here under any autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = deform_conv2d(
-                x.float(),
-                offset.float(),
-                self.weight.float(),
-                self.bias.float(),
-                stride=self.stride,
-                padding=1,
-                mask=mask.float(),
-            )
+            args = x.float(), offset.float(), mask.float(), self.weight.float(), self.bias.float()
+            if self.impl == "torchvision" or (self.impl == "auto" and x.is_cuda):
+                xf, off, msk, weight, bias = args
+                out = deform_conv2d(xf, off, weight, bias, stride=self.stride, padding=1, mask=msk)
+            else:
+                out = deform_conv3x3_grid_sample(*args, stride=self.stride)
         return out.to(x.dtype)
 
 
 class Conv3x3Norm(nn.Module):
     """Modulated deformable 3×3 conv followed by GroupNorm."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, groupnorm_groups: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groupnorm_groups: int,
+                 deform_conv: str = "auto"):
         super().__init__()
-        self.conv = ModulatedDeformConv3x3(in_channels, out_channels, stride)
+        self.conv = ModulatedDeformConv3x3(in_channels, out_channels, stride, deform_conv)
         self.bn = nn.GroupNorm(groupnorm_groups, out_channels)
 
     def forward(self, x: Tensor, offset: Tensor, mask: Tensor) -> Tensor:
@@ -135,16 +165,17 @@ def offsets_for_coarser_level(
 class DyHeadBlock(nn.Module):
     """One DyHead block over all FPN levels (official ``DyConv``), levels ordered fine (P3) to coarse (P7)."""
 
-    def __init__(self, channels: int = 256, groupnorm_groups: int = 16, official_compat: bool = False):
+    def __init__(self, channels: int = 256, groupnorm_groups: int = 16, official_compat: bool = False,
+                 deform_conv: str = "auto"):
         super().__init__()
         self.official_compat = official_compat
         # Index 0: from the coarser level l+1 (stride 1, then upsampled); 1: same level; 2: from the finer
         # level l-1 (stride 2). Order fixed by the official keys.
         self.DyConv = nn.ModuleList(
             [
-                Conv3x3Norm(channels, channels, 1, groupnorm_groups),
-                Conv3x3Norm(channels, channels, 1, groupnorm_groups),
-                Conv3x3Norm(channels, channels, 2, groupnorm_groups),
+                Conv3x3Norm(channels, channels, 1, groupnorm_groups, deform_conv),
+                Conv3x3Norm(channels, channels, 1, groupnorm_groups, deform_conv),
+                Conv3x3Norm(channels, channels, 2, groupnorm_groups, deform_conv),
             ]
         )
         self.AttnConv = nn.Sequential(

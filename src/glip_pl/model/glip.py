@@ -52,6 +52,7 @@ class GLIP(nn.Module):
             fusion_dropout=cfg.fusion_dropout, text_layer_heads=cfg.text_layer_heads,
             text_layer_intermediate=cfg.text_layer_intermediate, use_fused_text=cfg.use_fused_text,
             groupnorm_groups=cfg.groupnorm_groups, official_compat=cfg.official_compat, use_sdpa=cfg.use_sdpa,
+            deform_conv=cfg.deform_conv,
             checkpoint_fusion=cfg.checkpoint_fusion, checkpoint_text=cfg.checkpoint_text,
             checkpoint_dyhead=cfg.checkpoint_dyhead,
         )

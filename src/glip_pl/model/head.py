@@ -58,6 +58,7 @@ class GLIPHead(nn.Module):
         groupnorm_groups: int = 16,
         official_compat: bool = False,
         use_sdpa: bool = True,
+        deform_conv: str = "auto",
         checkpoint_fusion: bool = False,
         checkpoint_text: bool = False,
         checkpoint_dyhead: bool = False,
@@ -85,7 +86,8 @@ class GLIPHead(nn.Module):
                     tower.append(IdentityTextLayer())
             else:
                 tower.extend([NoFusion(), IdentityTextLayer()])
-            tower.append(DyHeadBlock(channels, groupnorm_groups=groupnorm_groups, official_compat=official_compat))
+            tower.append(DyHeadBlock(channels, groupnorm_groups=groupnorm_groups, official_compat=official_compat,
+                                     deform_conv=deform_conv))
         self.dyhead_tower = nn.ModuleList(tower)
         self.num_blocks = num_blocks
         self.use_fused_text = use_fused_text

@@ -34,12 +34,12 @@ def deform_conv3x3_grid_sample(x: Tensor, offset: Tensor, mask: Tensor, weight: 
 
     Tap k = i·3 + j of output (y, x) reads input (y·s − 1 + i + dy_k, x·s − 1 + j + dx_k); a corner outside the
     image reads 0 — torchvision's rule, which is ``grid_sample``'s zero padding at pixel centres (align_corners
-    False). On CPU its forward + backward is 3–5× faster than torchvision's kernel (BENCHMARKS.md) at the cost of
-    the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to rounding (tests/model/test_dyhead.py)."""
+    False). On CPU its forward + backward is 3–5× faster than torchvision's kernel (a tiny training step 2.8×,
+    BENCHMARKS.md) at the cost of the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to rounding (tests/model/test_dyhead.py)."""
     b, c, h, w = x.shape
     ho, wo = offset.shape[-2:]
     taps = torch.arange(3, device=x.device, dtype=x.dtype)
-    off = offset.view(b, 9, 2, ho, wo)  # (dy, dx) of tap k at channels 2k, 2k+1
+    off = offset.reshape(b, 9, 2, ho, wo)  # (dy, dx) of tap k at channels 2k, 2k+1 (a channel slice is fine)
     ys = (torch.arange(ho, device=x.device, dtype=x.dtype) * stride - 1).view(1, 1, ho, 1)
     xs = (torch.arange(wo, device=x.device, dtype=x.dtype) * stride - 1).view(1, 1, 1, wo)
     y = ys + taps.repeat_interleave(3).view(1, 9, 1, 1) + off[:, :, 0]  # (B,9,Ho,Wo) rows, pixel units

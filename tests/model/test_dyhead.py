@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from official_listing import official_block
 
-from glip_pl.model.dyhead import DyHeadBlock, ModulatedDeformConv3x3, deform_conv3x3_grid_sample, offsets_for_coarser_level
 from glip_pl.model import build_glip
+from glip_pl.model.dyhead import (DyHeadBlock, ModulatedDeformConv3x3, deform_conv3x3_grid_sample,
+                                  offsets_for_coarser_level)
 
 C = 32
 SIZES = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]

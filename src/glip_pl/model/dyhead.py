@@ -35,7 +35,8 @@ def deform_conv3x3_grid_sample(x: Tensor, offset: Tensor, mask: Tensor, weight: 
     Tap k = i·3 + j of output (y, x) reads input (y·s − 1 + i + dy_k, x·s − 1 + j + dx_k); a corner outside the
     image reads 0 — torchvision's rule, which is ``grid_sample``'s zero padding at pixel centres (align_corners
     False). On CPU its forward + backward is 3–5× faster than torchvision's kernel (a tiny training step 2.8×,
-    BENCHMARKS.md) at the cost of the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to rounding (tests/model/test_dyhead.py)."""
+    BENCHMARKS.md) at the cost of the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to
+    rounding (tests/model/test_dyhead.py)."""
     b, c, h, w = x.shape
     ho, wo = offset.shape[-2:]
     taps = torch.arange(3, device=x.device, dtype=x.dtype)
@@ -77,12 +78,11 @@ class ModulatedDeformConv3x3(nn.Module):
         """x (B,C_in,H,W), offset (B,2K,Ho,Wo), mask (B,K,Ho,Wo) in [0,1] -> (B,C_out,Ho,Wo), dtype of x."""
         # The official op is wrapped in custom_fwd(cast_inputs=float32): same here under any autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            args = x.float(), offset.float(), mask.float(), self.weight.float(), self.bias.float()
+            xf, off, msk, weight, bias = x.float(), offset.float(), mask.float(), self.weight.float(), self.bias.float()
             if self.impl == "torchvision" or (self.impl == "auto" and x.is_cuda):
-                xf, off, msk, weight, bias = args
                 out = deform_conv2d(xf, off, weight, bias, stride=self.stride, padding=1, mask=msk)
             else:
-                out = deform_conv3x3_grid_sample(*args, stride=self.stride)
+                out = deform_conv3x3_grid_sample(xf, off, msk, weight, bias, self.stride)
         return out.to(x.dtype)
 
 

@@ -6,6 +6,7 @@ import pickle
 import tarfile
 
 import pytest
+import torch
 
 from glip_pl.data import ShardError, iter_samples
 from glip_pl.data.reader import decode_sample, expand_urls, iter_raw
@@ -85,3 +86,38 @@ def test_raw_grouping_by_key(tmp_path):
     assert [r["__key__"] for r in raw] == ["x/1", "x/2"] and raw[0]["json"] == b"{}"
     with pytest.raises(ShardError, match="json"):
         decode_sample(raw[1])
+
+
+def _grounding_rec(**kw):
+    rec = {"id": "g1", "source": "pseudo", "kind": "grounding", "width": 8, "height": 6, "image": "png",
+           "caption": "a cat and a dog", "boxes": [[0, 0, 4, 3]], "spans": [[[0, 5]]],
+           "ignore_boxes": [[1, 1, 8, 6], [0, 0, 8, 6]], "ignore_spans": [[[10, 15]], [[0, 5], [10, 15]]]}
+    rec.update(kw)
+    return json.dumps(rec).encode()
+
+
+def test_ignore_regions_are_read_and_checked(tmp_path):
+    url = _tar(tmp_path / "a.tar", [("k.png", _png()), ("k.json", _grounding_rec())])
+    (s,) = list(iter_samples(url))
+    assert s.ignore_boxes.tolist() == [[1, 1, 8, 6], [0, 0, 8, 6]] and s.ignore_boxes.dtype == torch.float32
+    assert s.ignore_spans == [[(10, 15)], [(0, 5), (10, 15)]]
+    (plain,) = list(iter_samples(_tar(tmp_path / "p.tar", [("k.png", _png()), ("k.json", _rec())])))
+    assert plain.ignore_boxes is None and plain.ignore_spans is None
+    cases = [  # (record fields, error field, message part)
+        ({"ignore_spans": [[[10, 15]]]}, "ignore_spans", "same length"),
+        ({"ignore_spans": None}, "ignore_spans", "same length"),
+        ({"ignore_boxes": [[1, 1, 1, 6], [0, 0, 8, 6]]}, "ignore_boxes[0]", "degenerate"),
+        ({"ignore_boxes": [[1, 1, 8, 6], [0, 0, 80, 6]]}, "ignore_boxes[1]", "outside"),
+        ({"ignore_spans": [[[10, 15]], [[0, 50]]]}, "ignore_spans[1]", "a cat and a dog"),
+        ({"ignore_spans": [[[10, 15]], []]}, "ignore_spans[1]", "span"),
+    ]
+    for i, (fields, field, part) in enumerate(cases):
+        bad = _tar(tmp_path / f"b{i}.tar", [("k.png", _png()), ("k.json", _grounding_rec(**fields))])
+        with pytest.raises(ShardError, match=part) as e:
+            list(iter_samples(bad))
+        assert e.value.field == f"json.{field}" and e.value.url == bad, (fields, str(e.value))
+    det = _tar(tmp_path / "d.tar", [("k.png", _png()), ("k.json", _rec(ignore_boxes=[[0, 0, 2, 2]],
+                                                                        ignore_spans=[[[0, 1]]]))])
+    with pytest.raises(ShardError, match="grounding samples") as e:
+        list(iter_samples(det))
+    assert e.value.field == "json.ignore_boxes"

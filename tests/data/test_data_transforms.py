@@ -121,3 +121,42 @@ def test_swap_keeps_every_word_aligned_span_on_its_words():
         assert new[moved[0]:moved[1]] == swapped
 
     check()
+
+
+def test_ignore_regions_follow_resize_and_flip(tokenizer):
+    from glip_pl.data import collate
+    from glip_pl.data.prompting import tokenize_sample
+
+    cap = "a red circle left of a blue square"
+    s = _grounding(cap, [[(2, 12)]], [[0, 0, 20, 20]])
+    s.ignore_boxes, s.ignore_spans = torch.tensor([[50.0, 0, 100, 50]]), [[(23, 34)]]
+    s = resize(s, 100, 400)  # 100x50 → 200x100
+    assert s.ignore_boxes.tolist() == [[100, 0, 200, 100]] and s.boxes.tolist() == [[0, 0, 40, 40]]
+    s = hflip(to_tensor(s))
+    assert s.caption == "a red circle right of a blue square"
+    assert s.ignore_boxes.tolist() == [[0, 0, 100, 100]] and s.ignore_spans == [[(24, 35)]]
+    assert s.caption[24:35] == "blue square"
+    s = tokenize_sample(s, tokenizer)
+    ids = s.input_ids.tolist()
+    marked = [tokenizer.convert_ids_to_tokens(ids[t]) for t in torch.nonzero(s.ignore_map[0]).flatten().tolist()]
+    assert marked == ["blue", "square"]
+    other = tokenize_sample(to_tensor(_grounding("one dog", [[(4, 7)]], [[1, 1, 5, 5]])), tokenizer)
+    b = collate([other, s])
+    T = b.text.input_ids.shape[1]
+    assert b.targets.ignore_boxes.shape == (2, 1, 4) and b.targets.ignore_map.shape == (2, 1, T)
+    assert b.targets.ignore_valid.tolist() == [[False], [True]]
+    assert torch.equal(b.targets.ignore_map[1, 0, : s.ignore_map.shape[1]], s.ignore_map[0])
+    moved = b.to("cpu").targets.to(dtype=torch.float64)  # every optional field travels with the batch
+    assert moved.ignore_boxes.dtype == moved.ignore_map.dtype == torch.float64 and moved.ignore_valid.dtype == torch.bool
+    plain = collate([other])
+    assert plain.targets.ignore_boxes is None and plain.targets.ignore_map is None
+
+
+def test_ignore_regions_past_the_token_limit_are_dropped_and_counted(tokenizer):
+    from glip_pl.data.prompting import tokenize_sample
+
+    s = _grounding("a cat and then, much later on, a dog", [[(2, 5)]], [[0, 0, 20, 20]])
+    s.ignore_boxes, s.ignore_spans = torch.tensor([[1.0, 1, 9, 9], [2.0, 2, 8, 8]]), [[(2, 5)], [(33, 36)]]
+    s = tokenize_sample(to_tensor(s), tokenizer, max_text_len=6)
+    assert s.ignore_boxes.tolist() == [[1, 1, 9, 9]] and s.ignore_spans == [[(2, 5)]]
+    assert s.ignore_map.shape == (1, len(s.input_ids)) and s.extra["unmapped_ignore_regions"] == 1

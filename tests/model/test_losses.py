@@ -218,3 +218,99 @@ def test_shape_errors_name_the_input():
     outputs.level_sizes = [(2, 2)]
     with pytest.raises(GLIPInputError, match="level_sizes"):
         _criterion()(outputs, targets)
+
+
+# ------------------------------------------------------------------------------------------- ignore regions
+
+
+def _with_ignore(targets, boxes, valid, imap):
+    from dataclasses import replace
+
+    t = lambda v: v if isinstance(v, torch.Tensor) else torch.tensor(v)  # noqa: E731
+    return replace(targets, ignore_boxes=t(boxes), ignore_valid=t(valid), ignore_map=t(imap))
+
+
+def test_ignore_region_drops_exactly_its_negative_entries():
+    outputs, targets = _tiny()
+    # image 0: region [0,0,10,10] holds the centres of a0 (4,4) and a4 (8,8); tokens 0 and 1. a0 is positive for
+    # tokens 1, 2 (GT A): its token 1 still trains, its token 0 does not; a4 (negative) loses tokens 0 and 1.
+    # image 1: a padding row (valid False) that would cover everything.
+    ign = _with_ignore(targets, [[[0.0, 0, 10, 10]], [[-50.0, -50, 50, 50]]], [[True], [False]],
+                       [[[1.0, 1, 0, 0]], [[1.0, 1, 1, 1]]])
+    terms = _criterion()(outputs, ign)
+    x = outputs.logits.tolist()
+    positive = {(0, 0): [0, 1, 1, 0], (1, 3): [1, 1, 0, 0]}
+    dropped = {(0, 0, 0), (0, 4, 0), (0, 4, 1)}
+    focal = sum(
+        _focal(x[b][n][t], positive.get((b, n), [0] * 4)[t])
+        for b in range(2) for n in range(5) for t in range([3, 2][b]) if (b, n, t) not in dropped
+    )
+    assert terms["loss_token"].item() == pytest.approx(focal / 2, rel=1e-5)  # positives (normaliser) unchanged
+    base = _criterion()(outputs, targets)
+    for k in ("loss_reg", "loss_centerness"):
+        assert terms[k].item() == pytest.approx(base[k].item(), rel=1e-6)
+    # the dropped entries get no gradient; a kept positive inside the region does
+    _criterion().total(terms).backward()
+    g = outputs.logits.grad
+    assert g[0, 0, 0] == 0 and g[0, 4, 0] == 0 and g[0, 4, 1] == 0
+    assert g[0, 0, 1] != 0 and g[0, 4, 2] != 0 and g[0, 1, 0] != 0
+
+
+def test_ignore_regions_absent_or_all_padding_change_nothing():
+    outputs, targets = _tiny()
+    base = _criterion()(outputs, targets)
+    for ign in (_with_ignore(targets, [[[0.0, 0, 30, 30]], [[0.0, 0, 30, 30]]], [[False], [False]],
+                             [[[1.0] * 4], [[1.0] * 4]]),
+                _with_ignore(targets, torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, 4))):
+        got = _criterion()(outputs, ign)
+        for k in base:
+            assert got[k].item() == base[k].item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ignore_regions_vectorised_equal_per_anchor_reference(seed):
+    from dataclasses import replace
+
+    outputs, targets = _random_case(seed, plus_one=False)
+    g = torch.Generator().manual_seed(100 + seed)
+    B, K, T = 4, 3, 8  # the map shorter than the logits' 10 tokens: padded like positive_map
+    xy = torch.rand(B, K, 2, generator=g) * 40
+    ign = replace(targets, ignore_boxes=torch.cat([xy, xy + torch.rand(B, K, 2, generator=g) * 40 + 4], -1),
+                  ignore_valid=torch.rand(B, K, generator=g) > 0.3,
+                  ignore_map=(torch.rand(B, K, T, generator=g) > 0.5).float())
+    crit = GroundingCriterion(BoxCoder())
+    fast, slow = crit(outputs, ign), criterion_reference(crit, outputs, ign)
+    plain = crit(outputs, targets)
+    assert fast["loss_token"].item() < plain["loss_token"].item()  # the regions removed some negatives
+    for k in fast:
+        assert fast[k].item() == pytest.approx(slow[k].item(), rel=1e-5), k
+    a = torch.autograd.grad(crit.total(fast), outputs.logits)[0]
+    b = torch.autograd.grad(crit.total(slow), outputs.logits)[0]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_ignore_region_errors_name_the_field():
+    from dataclasses import replace
+
+    outputs, targets = _tiny()
+    with pytest.raises(GLIPInputError, match="all of ignore_boxes, ignore_valid and ignore_map"):
+        _criterion()(outputs, replace(targets, ignore_boxes=torch.zeros(2, 1, 4)))
+    bad = _with_ignore(targets, [[[0.0, 0, 10, 10]], [[0.0, 0, 10, 10]]], [[True], [True]], [[[1.0] * 4]])
+    with pytest.raises(GLIPInputError, match="ignore_map"):
+        _criterion()(outputs, bad)
+    bad = _with_ignore(targets, [[[0.0, 0, 10, 10]], [[0.0, 0, 10, 10]]], [[True, True], [True, True]],
+                       [[[1.0] * 4], [[1.0] * 4]])
+    with pytest.raises(GLIPInputError, match="ignore_valid"):
+        _criterion()(outputs, bad)
+
+
+def test_with_text_length_pads_or_cuts_both_token_maps():
+    t = Targets(boxes=torch.zeros(1, 1, 4), valid=torch.ones(1, 1, dtype=torch.bool),
+                positive_map=torch.tensor([[[1.0, 0, 0]]]), ignore_boxes=torch.zeros(1, 1, 4),
+                ignore_valid=torch.ones(1, 1, dtype=torch.bool), ignore_map=torch.tensor([[[0.0, 0, 0, 1, 0]]]))
+    p = t.with_text_length(6)
+    assert p.positive_map.shape == p.ignore_map.shape == (1, 1, 6) and p.ignore_map[0, 0, 3] == 1
+    assert t.with_text_length(4).positive_map.shape == (1, 1, 4)
+    with pytest.raises(GLIPInputError, match="ignore_map marks tokens beyond the prompt's 3 tokens"):
+        t.with_text_length(3)
+    assert t.pad_text_to(2) is t

@@ -34,7 +34,7 @@ class GroundingBatch:
     image_sizes: Tensor  # (B, 2) long (h, w)
     orig_sizes: Tensor  # (B, 2) long (h, w)
     text: TextInputs  # (B, T)
-    targets: Targets  # boxes (B, M, 4), valid (B, M), positive_map (B, M, T)
+    targets: Targets  # boxes (B, M, 4), valid (B, M), positive_map (B, M, T) [+ ignore regions (B, K, ...)]
     captions: list  # list[str]
     phrase_maps: list  # list[Tensor (P_b, T)] float 0/1
     phrase_names: list  # list[list[str]]
@@ -78,7 +78,8 @@ class GroundingBatch:
             self, images=pin(self.images), image_sizes=pin(self.image_sizes), orig_sizes=pin(self.orig_sizes),
             text=TextInputs(*(None if t is None else pin(t) for t in
                               (self.text.input_ids, self.text.attention_mask, self.text.token_type_ids))),
-            targets=Targets(pin(self.targets.boxes), pin(self.targets.valid), pin(self.targets.positive_map)))
+            targets=replace(self.targets, **{f.name: pin(getattr(self.targets, f.name)) for f in fields(Targets)
+                                              if getattr(self.targets, f.name) is not None}))
 
 
 def pad_images(images: Sequence[Tensor], size_divisibility: int = 32) -> tuple:
@@ -120,6 +121,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         if m:
             boxes[b, :m], valid[b, :m] = s.boxes, True
             pmap[b, :m] = pm[s.box_phrases]
+    ignore = _collate_ignore(samples, T)
     meta = []
     for s in samples:
         d = {k: getattr(s, k) for k in META_FIELDS if getattr(s, k) is not None}
@@ -132,7 +134,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         image_sizes=sizes,
         orig_sizes=torch.tensor([[s.height, s.width] for s in samples], dtype=torch.long),
         text=TextInputs(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)),
-        targets=Targets(boxes=boxes, valid=valid, positive_map=pmap),
+        targets=Targets(boxes=boxes, valid=valid, positive_map=pmap, **ignore),
         captions=[s.caption for s in samples],
         phrase_maps=phrase_maps,
         phrase_names=[list(s.phrase_names or []) for s in samples],
@@ -144,3 +146,18 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         meta=meta,
         position=position,
     )
+
+
+def _collate_ignore(samples: Sequence[Sample], T: int) -> dict:
+    """Ignore regions of the batch padded to K per image: {} when no sample has one (the loss then skips them)."""
+    K = max(len(s.ignore_map) if s.ignore_map is not None else 0 for s in samples)
+    if K == 0:
+        return {}
+    B = len(samples)
+    boxes, valid, imap = torch.zeros(B, K, 4), torch.zeros(B, K, dtype=torch.bool), torch.zeros(B, K, T)
+    for b, s in enumerate(samples):
+        k = len(s.ignore_map) if s.ignore_map is not None else 0
+        if k:
+            boxes[b, :k], valid[b, :k] = s.ignore_boxes, True
+            imap[b, :k, : s.ignore_map.shape[1]] = s.ignore_map
+    return {"ignore_boxes": boxes, "ignore_valid": valid, "ignore_map": imap}

@@ -122,7 +122,7 @@ def build_prompt(sample: Sample, table: Optional[CategoryTable], rng: random.Ran
 
 
 def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN) -> Sample:
-    """Stage ``tokenize``: token ids (T,) and the binary phrase → token map (P, T).
+    """Stage ``tokenize``: token ids (T,) and the binary phrase → token map (P, T) (and ignore regions → (K, T)).
 
     A phrase that maps to no token (its text was truncated past ``max_text_len``, or it is only punctuation) is
     removed with its boxes, and counted in ``sample.extra["unmapped_phrases"]``.
@@ -156,6 +156,28 @@ def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN)
         sample.phrase_names = [sample.phrase_names[p] for p in keep]
         sample.phrase_labels = [sample.phrase_labels[p] for p in keep]
         sample.extra = dict(sample.extra, unmapped_phrases=P - len(keep))
+    if sample.ignore_spans is not None:
+        sample.ignore_boxes, sample.ignore_map = _ignore_token_map(sample, offsets[0], T, where)
     sample.input_ids = ids
     sample.phrase_map = pmap
     return sample
+
+
+def _ignore_token_map(sample: Sample, offsets, T: int, where: str) -> tuple:
+    """(ignore boxes, (K, T) token map) of the sample's ignore regions; a region whose spans map to no token
+    (truncated away) is removed and counted in ``sample.extra["unmapped_ignore_regions"]``."""
+    boxes = sample.ignore_boxes if sample.ignore_boxes is not None else torch.zeros(0, 4)
+    if len(boxes) != len(sample.ignore_spans):
+        raise GLIPInputError(f"{where}: {len(boxes)} ignore boxes but {len(sample.ignore_spans)} ignore span lists")
+    rows, keep = [], []
+    for k, spans in enumerate(sample.ignore_spans):
+        try:
+            rows.append(spans_to_token_map(sample.caption, [spans], offsets, T, where=where))
+            keep.append(k)
+        except GLIPInputError:
+            continue
+    if len(keep) < len(boxes):
+        sample.extra = dict(sample.extra, unmapped_ignore_regions=len(boxes) - len(keep))
+        sample.ignore_spans = [sample.ignore_spans[k] for k in keep]
+    imap = torch.cat(rows) if rows else torch.zeros(0, T)
+    return boxes[torch.tensor(keep, dtype=torch.long)] if len(keep) < len(boxes) else boxes, imap

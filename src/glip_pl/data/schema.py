@@ -88,24 +88,7 @@ def validate_record(rec: dict, where: Where, clip_tolerance: float = 1.0) -> int
     if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
         raise where.error("bad_field", "width/height", f"image size must be positive integers, got {w}x{h}")
     boxes = rec["boxes"]
-    clipped = 0
-    for i, b in enumerate(boxes):
-        if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(_finite(v) for v in b)):
-            raise where.error("bad_field", where.box(i), f"box must be 4 finite numbers, got {b!r}")
-        x1, y1, x2, y2 = (float(v) for v in b)
-        if x2 <= x1 or y2 <= y1:
-            raise where.error("degenerate_box", where.box(i),
-                              f"degenerate box x1,y1,x2,y2 = {[x1, y1, x2, y2]} (zero or negative width/height)")
-        t = clip_tolerance
-        if x1 < -t or y1 < -t or x2 > w + t or y2 > h + t:
-            raise where.error("box_outside_image", where.box(i),
-                              f"box x1,y1,x2,y2 = {[x1, y1, x2, y2]} lies outside the {w}x{h} image")
-        c = [min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
-        if c != [x1, y1, x2, y2]:
-            clipped += 1
-            if c[2] <= c[0] or c[3] <= c[1]:
-                raise where.error("degenerate_box", where.box(i), f"box {[x1, y1, x2, y2]} is empty once clipped")
-        boxes[i] = c
+    clipped = _check_boxes(boxes, w, h, clip_tolerance, where, where.box)
     n = len(boxes)
     if kind == "detection":
         cats = rec.get("category_ids")
@@ -123,10 +106,44 @@ def validate_record(rec: dict, where: Where, clip_tolerance: float = 1.0) -> int
             _check_spans(box_spans, rec["caption"], where, where.span(i))
         for p, phrase_spans in enumerate(rec.get("spans_eval") or []):
             _check_spans(phrase_spans, rec["caption"], where, f"tokens_positive_eval[{p}]")
+    ignore_boxes, ignore_spans = rec.get("ignore_boxes"), rec.get("ignore_spans")
+    if ignore_boxes is not None or ignore_spans is not None:
+        if kind != "grounding":
+            raise where.error("bad_field", "ignore_boxes", f"ignore regions belong to grounding samples, not {kind!r}")
+        if not isinstance(ignore_boxes, list) or not isinstance(ignore_spans, list) or \
+                len(ignore_boxes) != len(ignore_spans):
+            raise where.error("bad_field", "ignore_spans",
+                              "ignore_boxes and ignore_spans must be lists of the same length (one span list per box)")
+        clipped += _check_boxes(ignore_boxes, w, h, clip_tolerance, where, lambda i: f"ignore_boxes[{i}]")
+        for i, box_spans in enumerate(ignore_spans):
+            _check_spans(box_spans, rec["caption"], where, f"ignore_spans[{i}]")
     if kind == "caption" and n:
         raise where.error("bad_field", "boxes", "caption samples carry no boxes (use kind 'grounding')")
     if rec.get("scores") is not None and len(rec["scores"]) != n:
         raise where.error("bad_field", "scores", f"need one score per box ({n} boxes)")
+    return clipped
+
+
+def _check_boxes(boxes: list, w: int, h: int, tolerance: float, where: Where, name) -> int:
+    """Check and clip ``boxes`` in place (see ``validate_record``); ``name(i)`` is box i's field. Returns the clipped
+    count."""
+    clipped = 0
+    for i, b in enumerate(boxes):
+        if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(_finite(v) for v in b)):
+            raise where.error("bad_field", name(i), f"box must be 4 finite numbers, got {b!r}")
+        x1, y1, x2, y2 = (float(v) for v in b)
+        if x2 <= x1 or y2 <= y1:
+            raise where.error("degenerate_box", name(i),
+                              f"degenerate box x1,y1,x2,y2 = {[x1, y1, x2, y2]} (zero or negative width/height)")
+        if x1 < -tolerance or y1 < -tolerance or x2 > w + tolerance or y2 > h + tolerance:
+            raise where.error("box_outside_image", name(i),
+                              f"box x1,y1,x2,y2 = {[x1, y1, x2, y2]} lies outside the {w}x{h} image")
+        c = [min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
+        if c != [x1, y1, x2, y2]:
+            clipped += 1
+            if c[2] <= c[0] or c[3] <= c[1]:
+                raise where.error("degenerate_box", name(i), f"box {[x1, y1, x2, y2]} is empty once clipped")
+        boxes[i] = c
     return clipped
 
 
@@ -178,6 +195,8 @@ class Sample:
     spans: Optional[list] = None
     spans_eval: Optional[list] = None
     scores: Optional[list] = None
+    ignore_boxes: Optional[Tensor] = None  # (K, 4) float pixels: regions without negative loss for their spans' tokens
+    ignore_spans: Optional[list] = None  # per ignore box: list of (start, end) in ``caption``
     provenance: Optional[dict] = None
     hidden: Optional[dict] = None
     extra: dict = field(default_factory=dict)
@@ -191,6 +210,7 @@ class Sample:
     # filled by the tokenise stage
     input_ids: Optional[Tensor] = None  # (T,) long
     phrase_map: Optional[Tensor] = None  # (P, T) float 0/1
+    ignore_map: Optional[Tensor] = None  # (K, T) float 0/1, one row per ignore box
     # bookkeeping
     image_size: Optional[tuple] = None  # (h, w) of the image content after the transforms
     position: Optional[tuple] = None  # (logical worker, index in the worker's raw stream)
@@ -208,10 +228,16 @@ def sample_from_record(rec: dict, image, key: str = "", url: str = "") -> Sample
     spans_eval = rec.get("spans_eval")
     if spans_eval is not None:
         spans_eval = [[(int(s), int(e)) for s, e in ph] for ph in spans_eval]
+    ignore_boxes = rec.get("ignore_boxes")
+    if ignore_boxes is not None:
+        ignore_boxes = torch.tensor(ignore_boxes, dtype=torch.float32).reshape(-1, 4)
+    ignore_spans = rec.get("ignore_spans")
+    if ignore_spans is not None:
+        ignore_spans = [[(int(s), int(e)) for s, e in box] for box in ignore_spans]
     return Sample(
         id=str(rec["id"]), source=rec.get("source", ""), kind=rec["kind"], image=image,
         width=int(rec["width"]), height=int(rec["height"]), boxes=boxes,
         category_ids=rec.get("category_ids"), caption=rec.get("caption"), spans=spans, spans_eval=spans_eval,
-        scores=rec.get("scores"), provenance=rec.get("provenance"), hidden=rec.get("hidden"),
+        scores=rec.get("scores"), ignore_boxes=ignore_boxes, ignore_spans=ignore_spans, provenance=rec.get("provenance"), hidden=rec.get("hidden"),
         extra=rec.get("extra") or {}, key=key, url=url,
     )

@@ -62,16 +62,18 @@ def target_size(w: int, h: int, short: int, max_size: int) -> tuple:
 
 
 def resize(sample: Sample, short: int, max_size: int) -> Sample:
-    """Resize the PIL image (bilinear) and scale the boxes by the same factors."""
+    """Resize the PIL image (bilinear) and scale the boxes (and ignore boxes) by the same factors."""
     from PIL import Image
 
     w, h = sample.image.size
     nw, nh = target_size(w, h, short, max_size)
     if (nw, nh) != (w, h):
         sample.image = sample.image.resize((nw, nh), Image.BILINEAR)
+        scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=torch.float32)
         if len(sample.boxes):
-            scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=sample.boxes.dtype)
-            sample.boxes = sample.boxes * scale
+            sample.boxes = sample.boxes * scale.to(sample.boxes.dtype)
+        if sample.ignore_boxes is not None and len(sample.ignore_boxes):
+            sample.ignore_boxes = sample.ignore_boxes * scale.to(sample.ignore_boxes.dtype)
     sample.image_size = (nh, nw)
     return sample
 
@@ -124,7 +126,8 @@ def swap_left_right(caption: str, span_lists: list) -> tuple:
 
 
 def hflip(sample: Sample, swap_words: bool = True) -> Sample:
-    """Flip the image (PIL or uint8 tensor) and the boxes (continuous: x1' = W - x2); swap left/right in captions."""
+    """Flip the image (PIL or uint8 tensor) and the boxes and ignore boxes (continuous: x1' = W - x2); swap
+    left/right in captions (every span list follows)."""
     if isinstance(sample.image, torch.Tensor):
         W = int(sample.image.shape[-1])
         sample.image = torch.from_numpy(np.ascontiguousarray(sample.image.numpy()[:, :, ::-1]))
@@ -136,16 +139,23 @@ def hflip(sample: Sample, swap_words: bool = True) -> Sample:
     if len(sample.boxes):
         b = sample.boxes
         sample.boxes = torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)
+    if sample.ignore_boxes is not None and len(sample.ignore_boxes):
+        b = sample.ignore_boxes
+        sample.ignore_boxes = torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)
     if swap_words and sample.kind != "detection" and sample.caption:
         lists = list(sample.phrase_spans or [])
         n_ph = len(lists)
         lists += list(sample.spans or [])
+        n_sp = len(lists)
+        lists += list(sample.ignore_spans or [])
         caption, moved = swap_left_right(sample.caption, lists)
         if caption != sample.caption:
             sample.caption = caption
             sample.phrase_spans = moved[:n_ph] if sample.phrase_spans is not None else None
             if sample.spans is not None:
-                sample.spans = moved[n_ph:]
+                sample.spans = moved[n_ph:n_sp]
+            if sample.ignore_spans is not None:
+                sample.ignore_spans = moved[n_sp:]
             if sample.phrase_spans is not None:
                 sample.phrase_names = phrase_texts(caption, sample.phrase_spans)
             sample.extra = dict(sample.extra, flipped_words=True)

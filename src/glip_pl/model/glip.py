@@ -155,15 +155,7 @@ class GLIP(nn.Module):
 
     def loss(self, outputs: GroundingOutputs, targets: Targets) -> dict:
         """Named, unweighted loss terms; ``self.criterion.total(terms)`` weights and sums them."""
-        T = outputs.logits.shape[-1]
-        if targets.positive_map.shape[-1] < T:
-            targets = targets.pad_text_to(T)
-        elif targets.positive_map.shape[-1] > T:
-            extra = targets.positive_map[..., T:]
-            if extra.any():
-                raise GLIPInputError("targets.positive_map marks tokens beyond the prompt's length")
-            targets = Targets(targets.boxes, targets.valid, targets.positive_map[..., :T])
-        return self.criterion(outputs, targets)
+        return self.criterion(outputs, targets.with_text_length(outputs.logits.shape[-1]))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

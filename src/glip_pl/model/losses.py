@@ -39,6 +39,36 @@ def centerness_targets(anchors_P4: Tensor, gt_P4: Tensor) -> Tensor:
     return torch.sqrt(lr * tb)
 
 
+def ignored_tokens(anchors_N4: Tensor, ignore_boxes: Tensor, ignore_valid: Tensor, ignore_map: Tensor) -> Tensor:
+    """(B, N, T) bool: token t of anchor n lies in an ignore region of image b (the anchor's centre strictly inside
+    a valid ``ignore_boxes[b, k]`` whose ``ignore_map[b, k]`` marks t)."""
+    ctr = (anchors_N4[:, :2] + anchors_N4[:, 2:]) / 2.0  # (N, 2)
+    box = ignore_boxes[:, None, :, :]  # (B, 1, K, 4)
+    cx, cy = ctr[None, :, None, 0], ctr[None, :, None, 1]
+    inside = (cx > box[..., 0]) & (cx < box[..., 2]) & (cy > box[..., 1]) & (cy < box[..., 3])  # (B, N, K)
+    inside &= ignore_valid[:, None, :].bool()
+    return torch.bmm(inside.float(), ignore_map.float()) > 0
+
+
+def _ignore_inputs(targets: Targets, B: int, T: int, device) -> Optional[tuple]:
+    """Checked (boxes, valid, map) of the targets' ignore regions padded to T tokens, or None when there are none."""
+    if targets.ignore_boxes is None and targets.ignore_map is None and targets.ignore_valid is None:
+        return None
+    if targets.ignore_boxes is None or targets.ignore_map is None or targets.ignore_valid is None:
+        raise GLIPInputError("targets need all of ignore_boxes, ignore_valid and ignore_map, or none of them")
+    boxes, valid, imap = targets.ignore_boxes.float(), targets.ignore_valid.bool(), targets.ignore_map.float()
+    if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[-1] != 4:
+        raise GLIPInputError(f"targets.ignore_boxes must be (B={B}, K, 4), got {tuple(boxes.shape)}")
+    K = boxes.shape[1]
+    if tuple(valid.shape) != (B, K):
+        raise GLIPInputError(f"targets.ignore_valid must be (B={B}, K={K}), got {tuple(valid.shape)}")
+    if imap.dim() != 3 or imap.shape[:2] != (B, K) or imap.shape[-1] > T:
+        raise GLIPInputError(f"targets.ignore_map must be (B={B}, K={K}, T<={T}), got {tuple(imap.shape)}")
+    if K == 0 or not bool(valid.any()):
+        return None
+    return boxes.to(device), valid.to(device), F.pad(imap, (0, T - imap.shape[-1])).to(device)
+
+
 def _giou_loss(pred_P4: Tensor, gt_P4: Tensor) -> Tensor:
     """1 - GIoU per pair, (P,); a decoded box with x2 < x1 is flattened to zero width first (as the official)."""
     x1, y1, x2, y2 = pred_P4.unbind(-1)
@@ -84,7 +114,7 @@ class GroundingCriterion(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ inputs
     def _prepare(self, outputs: GroundingOutputs, targets: Targets):
-        """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask)."""
+        """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore)."""
         logits = outputs.logits.float()
         if logits.dim() != 3:
             raise GLIPInputError(f"outputs.logits must be (B, N, T), got {tuple(logits.shape)}")
@@ -116,7 +146,7 @@ class GroundingCriterion(nn.Module):
             mask = torch.ones(B, T, dtype=torch.bool, device=logits.device)
         elif tuple(mask.shape) != (B, T):
             raise GLIPInputError(f"outputs.text_mask must be (B={B}, T={T}), got {tuple(mask.shape)}")
-        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool()
+        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool(), _ignore_inputs(targets, B, T, logits.device)
 
     def _normalisers(self, num_pos: Tensor, ctr_sum: Tensor, reduce_mean) -> tuple[Tensor, Tensor]:
         # One collective for both normalisers; every rank makes it, whatever its number of positives.
@@ -129,7 +159,7 @@ class GroundingCriterion(nn.Module):
     ) -> dict:
         reduce_mean = reduce_mean or self.reduce_mean or _identity
         with torch.autocast(device_type=outputs.logits.device.type, enabled=False):
-            logits, deltas, ctr, anchors, boxes, valid, pmap, mask = self._prepare(outputs, targets)
+            logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore = self._prepare(outputs, targets)
             B, N, T = logits.shape
             matched = atss_assign(anchors, outputs.num_anchors_per_level, boxes, valid, self.topk, self.plus_one)
             pos = matched >= 0  # (B, N)
@@ -141,6 +171,8 @@ class GroundingCriterion(nn.Module):
             else:
                 token_tgt = torch.zeros_like(logits)
             sel = mask[:, None, :].expand(B, N, T)
+            if ignore is not None:  # no negative loss inside ignore regions (positive targets still train)
+                sel = sel & ~(ignored_tokens(anchors, *ignore) & (token_tgt == 0))
             token_sum = torchvision.ops.sigmoid_focal_loss(
                 logits[sel], token_tgt[sel], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
             )
@@ -174,7 +206,7 @@ def criterion_reference(
 ) -> dict:
     """Slow per-image version of ``criterion(outputs, targets)`` (atss_assign_reference, one image at a time)."""
     reduce_mean = reduce_mean or criterion.reduce_mean or _identity
-    logits, deltas, ctr, anchors, boxes, valid, pmap, mask = criterion._prepare(outputs, targets)
+    logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore = criterion._prepare(outputs, targets)
     B, N, T = logits.shape
     token_sum = logits.sum() * 0.0
     reg_sum = deltas.sum() * 0.0
@@ -189,9 +221,20 @@ def criterion_reference(
         pos = matched >= 0
         tgt = torch.zeros(N, T, device=logits.device)
         tgt[pos] = pmap[b, matched[pos]]
-        keep = mask[b]
+        keep = mask[b][None, :].expand(N, T).clone()
+        if ignore is not None:  # per region, per anchor: the plain loops the batched mask must agree with
+            i_boxes, i_valid, i_map = ignore
+            for k in range(i_boxes.shape[1]):
+                if not bool(i_valid[b, k]):
+                    continue
+                x1, y1, x2, y2 = i_boxes[b, k].tolist()
+                for n in range(N):
+                    cx = float(anchors[n, 0] + anchors[n, 2]) / 2.0
+                    cy = float(anchors[n, 1] + anchors[n, 3]) / 2.0
+                    if x1 < cx < x2 and y1 < cy < y2:
+                        keep[n] &= ~((i_map[b, k] > 0) & (tgt[n] == 0))
         token_sum = token_sum + torchvision.ops.sigmoid_focal_loss(
-            logits[b][:, keep], tgt[:, keep], criterion.focal_alpha, criterion.focal_gamma, reduction="sum"
+            logits[b][keep], tgt[keep], criterion.focal_alpha, criterion.focal_gamma, reduction="sum"
         )
         if not bool(pos.any()):
             continue

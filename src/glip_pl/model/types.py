@@ -68,20 +68,40 @@ class Targets:
 
     boxes are x1, y1, x2, y2 in pixels of the (resized, padded) network input; ``positive_map`` says which text
     tokens each box grounds (binary, as the official collator makes it, GLIP §3.1).
+
+    Optional ignore regions (pseudo labels, ``glip_pl.label``): an anchor whose centre lies inside
+    ``ignore_boxes[b, k]`` takes no negative token loss on the tokens of ``ignore_map[b, k]`` (where the teacher was
+    unsure, an object it missed must not train as background for its phrase). None when the batch has none.
     """
 
     boxes: Tensor  # (B, M, 4) float
     valid: Tensor  # (B, M) bool — False for padding rows
     positive_map: Tensor  # (B, M, T) float 0/1
+    ignore_boxes: Optional[Tensor] = None  # (B, K, 4) float, same pixels as boxes
+    ignore_valid: Optional[Tensor] = None  # (B, K) bool
+    ignore_map: Optional[Tensor] = None  # (B, K, T) float 0/1
 
     def to(self, device=None, dtype=None):
         return _to(self, device, dtype)
 
+    def with_text_length(self, length: int) -> "Targets":
+        """Pad (or cut: only all-zero columns) the token dimension of positive_map / ignore_map to ``length``."""
+        changes = {}
+        for name in ("positive_map", "ignore_map"):
+            m = getattr(self, name)
+            if m is None:
+                continue
+            extra = length - m.shape[-1]
+            if extra > 0:
+                changes[name] = torch.nn.functional.pad(m, (0, extra))
+            elif extra < 0:
+                if m[..., length:].any():
+                    raise GLIPInputError(f"targets.{name} marks tokens beyond the prompt's {length} tokens")
+                changes[name] = m[..., :length]
+        return replace(self, **changes) if changes else self
+
     def pad_text_to(self, length: int) -> "Targets":
-        extra = length - self.positive_map.shape[-1]
-        if extra <= 0:
-            return self
-        return replace(self, positive_map=torch.nn.functional.pad(self.positive_map, (0, extra)))
+        return self if length <= self.positive_map.shape[-1] else self.with_text_length(length)
 
 
 @dataclass

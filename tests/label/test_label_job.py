@@ -228,14 +228,15 @@ def test_filter_flags_override_the_recipe():
     recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "label" / "synthetic_demo.yaml")
     args = build_parser().parse_args(["pseudo-label", "--config", recipe, "--top-k", "1", "--nms-thresh", "0.6",
                                       "--min-boxes", "2", "--score-thresh", "0.4", "--devices", "2",
-                                      "--cross-phrase-nms", "0.5"])
+                                      "--cross-phrase-nms", "0.5", "--ignore-thresh", "0.1",
+                                      "--unboxed-phrase", "ignore"])
     cfg = load_config(args.config, flag_overrides(args))
     f = cfg.filters
     assert (f.top_k, f.nms_thresh, f.min_boxes, f.score_thresh, cfg.devices) == (1, 0.6, 2, 0.4, 2)
-    assert f.cross_phrase_nms == 0.5
+    assert f.cross_phrase_nms == 0.5 and f.ignore_thresh == 0.1 and f.unboxed_phrase == "ignore"
     plain = load_config(args.config, flag_overrides(build_parser().parse_args(["pseudo-label", "--config", recipe])))
     assert (plain.filters.top_k, plain.filters.nms_thresh, plain.filters.min_boxes) == (None, None, 1)  # the recipe's
-    assert plain.filters.cross_phrase_nms is None
+    assert plain.filters.cross_phrase_nms is None and plain.filters.ignore_thresh is None
 
 
 def test_cross_phrase_nms_gives_an_object_to_one_phrase():
@@ -313,3 +314,64 @@ def test_unboxed_phrase_skip_drops_exactly_the_captions_with_a_phrase_left_witho
     assert next(iter(kept.values())).provenance["unboxed_phrase"] == "skip"
     with pytest.raises(ValueError, match="unboxed_phrase"):
         config(teacher, inp, tmp_path / "x", filters={"unboxed_phrase": "drop"})
+
+
+def test_ignore_regions_are_the_unkept_candidates_above_ignore_thresh_and_reach_the_loss(teacher, synthetic_shards,
+                                                                                          tmp_path):
+    """``ignore_thresh`` + ``unboxed_phrase: ignore``: kept boxes exactly as without them; every candidate scoring
+    above ignore_thresh that was not kept becomes an ignore region for its phrase, a phrase left without a box a
+    whole-image one; the student's batches carry them and its loss drops negatives there."""
+    from glip_pl.data import iter_samples
+    from glip_pl.label.job import run_label
+
+    inp = f"{synthetic_shards}/caption"
+    read = lambda d: {s.id: s for s in iter_samples(str(tmp_path / d), split="val", decode_images=False)}  # noqa
+    low, base = 0.008, {"candidate_thresh": 0.005, "max_boxes": 10, "min_boxes": 0}
+    run_label(config(teacher, inp, tmp_path / "all", filters={**base, "score_thresh": low}))  # every candidate > low
+    every = read("all")
+    scores = sorted(sc for s in every.values() for sc in s.scores)
+    filters = {**base, "score_thresh": scores[len(scores) * 3 // 4], "top_k": 1}
+    run_label(config(teacher, inp, tmp_path / "plain", filters=filters))
+    plain = read("plain")
+    entry = run_label(config(teacher, inp, tmp_path / "ign", filters={**filters, "ignore_thresh": low,
+                                                                      "unboxed_phrase": "ignore"}))["entry"]
+    ign = read("ign")
+    assert set(ign) == set(plain) == set(every)
+    n_regions, n_whole = 0, 0
+    for i, s in ign.items():
+        assert s.boxes.tolist() == plain[i].boxes.tolist() and s.scores == plain[i].scores
+        phrases = [[tuple(x) for x in sp] for sp in s.extra["phrases"]]
+        unboxed = set(range(len(phrases))) - set(s.extra["box_phrases"])
+        kept = {(tuple(b), sc) for b, sc in zip(s.boxes.tolist(), s.scores)}
+        want = [([0.0, 0.0, float(s.width), float(s.height)], phrases[p]) for p in sorted(unboxed)]
+        e = every[i]
+        want += [(b, phrases[p]) for b, sc, p in zip(e.boxes.tolist(), e.scores, e.extra["box_phrases"])
+                 if (tuple(b), sc) not in kept and p not in unboxed]
+        got = list(zip(s.ignore_boxes.tolist(), s.ignore_spans)) if s.ignore_boxes is not None else []
+        assert sorted(map(str, got)) == sorted(map(str, want)), i
+        n_regions, n_whole = n_regions + len(got), n_whole + len(unboxed)
+    assert n_whole > 0 and n_regions > n_whole, "the thresholds must give both kinds of region"
+    assert entry["quality"]["ignore_regions"] == n_regions
+    assert next(iter(ign.values())).provenance["ignore_thresh"] == low
+    with pytest.raises(ValueError, match="ignore_thresh"):
+        config(teacher, inp, tmp_path / "x", filters={"score_thresh": 0.3, "ignore_thresh": 0.3})
+
+    # the student's side: a train batch of these shards carries the regions, and they lower the token loss
+    from glip_pl.label.datamodule import TeacherStudentDataModule
+    from glip_pl.model.glip import build_glip
+
+    dm = TeacherStudentDataModule(train=[{"urls": str(tmp_path / "ign"), "split": "val"}], batch_size=4,
+                                  num_workers=0, train_min_sizes=[96], train_max_size=96, steps_per_epoch=1)
+    batch = next(iter(dm.train_dataloader()))
+    t = batch.targets
+    assert t.ignore_map is not None and t.ignore_map.shape[:2] == t.ignore_valid.shape and bool(t.ignore_valid.any())
+    assert t.ignore_map.shape[-1] == t.positive_map.shape[-1] and bool(t.ignore_map.any())
+    torch.manual_seed(0)
+    model = build_glip("tiny").eval()
+    with torch.no_grad():
+        out = model(batch.images, batch.image_sizes, batch.text)
+        with_regions = model.loss(out, t)["loss_token"]
+        from dataclasses import replace
+
+        without = model.loss(out, replace(t, ignore_boxes=None, ignore_valid=None, ignore_map=None))["loss_token"]
+    assert with_regions < without

@@ -61,8 +61,12 @@ def register(subparsers) -> None:
     p.add_argument("--cross-phrase-nms", type=float, dest="filters.cross_phrase_nms", metavar="IOU",
                    help="class-agnostic NMS before top-k: one object, one phrase (off by default, as official)")
     p.add_argument("--min-boxes", type=int, dest="filters.min_boxes", help="skip captions with fewer kept boxes")
-    p.add_argument("--unboxed-phrase", choices=("keep", "skip"), dest="filters.unboxed_phrase",
-                   help="a caption with a phrase left without a box: keep it (official) or skip it")
+    p.add_argument("--unboxed-phrase", choices=("keep", "skip", "ignore"), dest="filters.unboxed_phrase",
+                   help="a caption with a phrase left without a box: keep it (official), skip it, or keep it with a "
+                        "whole-image ignore region for that phrase")
+    p.add_argument("--ignore-thresh", type=float, dest="filters.ignore_thresh", metavar="SCORE",
+                   help="unkept teacher boxes scoring above SCORE become ignore regions for their phrase (no "
+                        "negative loss there); off by default, as official")
     p.add_argument("--spacy-model", dest="phrases.model")
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
@@ -71,7 +75,7 @@ def register(subparsers) -> None:
 
 _FLAG_KEYS = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
               "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.cross_phrase_nms",
-              "filters.min_boxes", "filters.unboxed_phrase", "phrases.model", "overwrite", "wandb")
+              "filters.min_boxes", "filters.unboxed_phrase", "filters.ignore_thresh", "phrases.model", "overwrite", "wandb")
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:

@@ -13,8 +13,14 @@ Prompt = the caption with its noun-phrase spans as the phrases to ground (as GLI
 phrases (``cross_phrase_nms``: one object, one phrase; not in the official data), ``top_k`` boxes per
 phrase, ``max_boxes`` per image, at least ``min_boxes`` per caption (``CAPTION_MIN_BOX`` 1; official resamples, we
 skip and count ``too_few_boxes``). Captions with no phrase: ``no_phrase: skip`` (counted) or ``keep`` (written with
-no boxes). Captions with a phrase the teacher left without a box: ``unboxed_phrase: keep`` (official) or ``skip``
-(counted): kept, that phrase's tokens are negatives for every anchor, the missed object's included.
+no boxes). Captions with a phrase the teacher left without a box: ``unboxed_phrase: keep`` (official), ``skip``
+(counted) or ``ignore``: kept (official), that phrase's tokens are negatives for every anchor, the missed object's
+included; with ``ignore`` the sample carries a whole-image ignore region for that phrase instead.
+
+Ignore regions (not in the official data): with ``ignore_thresh`` set, every teacher candidate scoring above it
+that the filters did not keep is written as an ignore region (``ignore_boxes`` with the phrase's ``ignore_spans``);
+the student's loss then takes no negative term for that phrase's tokens on anchors centred inside it, so an
+object the teacher was unsure of does not train as background. Kept boxes are unchanged.
 
 Skip reasons: ``bad_record`` (unreadable json / missing fields), ``non_text_caption``, ``empty_caption``,
 ``undecodable_image``, ``no_phrase``, ``too_few_boxes``, ``unboxed_phrase``.
@@ -62,8 +68,13 @@ class FilterConfig:
     min_boxes: int = 1  # fewer kept boxes → skipped as too_few_boxes (official CAPTION_MIN_BOX)
     no_phrase: str = "skip"  # caption with no phrase: "skip" (counted) or "keep" (written with no boxes)
     # a phrase left without a box: "keep" the caption (official; the phrase's tokens then train as negatives
-    # everywhere, also on the object the teacher missed) or "skip" it (counted as unboxed_phrase)
+    # everywhere, also on the object the teacher missed), "skip" it (counted as unboxed_phrase) or "ignore": keep
+    # it with a whole-image ignore region for that phrase (its tokens then train as negatives nowhere)
     unboxed_phrase: str = "keep"
+    # teacher candidates that were not kept but score above this become ignore regions for their phrase: the
+    # student takes no negative loss for that phrase's tokens there (an object the teacher was unsure of does not
+    # train as background). None: off (official: every unkept candidate trains as background)
+    ignore_thresh: Optional[float] = None
 
 
 @dataclass
@@ -112,8 +123,13 @@ class LabelConfig:
                 raise ValueError(f"pseudo-label: `{f}` is required")
         if self.filters.no_phrase not in ("skip", "keep"):
             raise ValueError(f"filters.no_phrase must be 'skip' or 'keep', got {self.filters.no_phrase!r}")
-        if self.filters.unboxed_phrase not in ("skip", "keep"):
-            raise ValueError(f"filters.unboxed_phrase must be 'skip' or 'keep', got {self.filters.unboxed_phrase!r}")
+        if self.filters.unboxed_phrase not in ("skip", "keep", "ignore"):
+            raise ValueError("filters.unboxed_phrase must be 'skip', 'keep' or 'ignore', got "
+                             f"{self.filters.unboxed_phrase!r}")
+        t = self.filters.ignore_thresh
+        if t is not None and not 0.0 <= float(t) < float(self.filters.score_thresh):
+            raise ValueError(f"filters.ignore_thresh must be a score in [0, score_thresh={self.filters.score_thresh})"
+                             f" or null, got {t!r}")
         x = self.filters.cross_phrase_nms
         if x is not None and not 0.0 < float(x) <= 1.0:
             raise ValueError(f"filters.cross_phrase_nms must be an IoU in (0, 1] or null, got {x!r}")
@@ -342,6 +358,24 @@ def filter_detections(det, P: int, f: FilterConfig) -> tuple:
     return keep
 
 
+def ignore_candidates(det, keep: list, f: FilterConfig) -> list:
+    """Indices of the candidates that were not kept but score above ``f.ignore_thresh`` (descending score);
+    [] when the option is off."""
+    if f.ignore_thresh is None:
+        return []
+    scores = det.scores.float().cpu()
+    kept = set(keep)
+    out = [k for k in torch.nonzero(scores > f.ignore_thresh).flatten().tolist() if k not in kept]
+    return sorted(out, key=lambda k: (-float(scores[k]), k))
+
+
+def _clip_box(b: list, W: int, H: int) -> Optional[list]:
+    """``b`` clipped to the W x H image (in place), or None when nothing is left of it."""
+    b[0], b[2] = min(max(b[0], 0.0), W), min(max(b[2], 0.0), W)
+    b[1], b[3] = min(max(b[1], 0.0), H), min(max(b[3], 0.0), H)
+    return b if b[2] > b[0] and b[3] > b[1] else None
+
+
 def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenance: dict):
     """The LightningModule of the labelling run: ``predict_step`` labels a batch and writes a shard at its end."""
     import lightning.pytorch as pl
@@ -354,7 +388,8 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
 
         def forward(self, images, prompts, orig_sizes):
             f = cfg.filters
-            post = {"score_thresh": min(f.candidate_thresh, f.score_thresh), "detections_per_img": max(f.max_boxes, 1)}
+            lowest = min(f.candidate_thresh, f.score_thresh, f.ignore_thresh if f.ignore_thresh is not None else 1.0)
+            post = {"score_thresh": lowest, "detections_per_img": max(f.max_boxes, 1)}
             if f.nms_thresh is not None:
                 post["nms_thresh"] = f.nms_thresh
             return self.teacher.predict(images, prompts, orig_sizes=orig_sizes, **post)
@@ -381,23 +416,25 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                     acc.skip(str(rec["id"]), "no_phrase")
                     continue
                 boxes, spans, scores, labels, raw = [], [], [], [], []
+                ignore_boxes, ignore_spans = [], []
+                W, H = rec["width"], rec["height"]
                 if P:
                     d = dets[id(it)]
-                    all_scores = d.scores.float().cpu().tolist()
+                    all_scores = d.scores.float().cpu()
+                    floor = min(cfg.filters.candidate_thresh, cfg.filters.score_thresh)  # ignore_thresh may be lower
+                    all_scores = all_scores[all_scores > floor].tolist()
                     st["candidates"] += len(all_scores)
                     st["score_hist"] = [a + b for a, b in zip(st["score_hist"], _hist(all_scores))]
-                    for k in filter_detections(d, P, cfg.filters):
+                    kept = filter_detections(d, P, cfg.filters)
+                    for k in kept:
                         lab = int(d.labels[k])
                         boxes.append([round(float(v), 2) for v in d.boxes[k].tolist()])
                         spans.append([list(map(int, s)) for s in it["spans"][lab]])
                         scores.append(round(float(d.scores[k]), 4))
                         raw.append(float(d.scores[k]))
                         labels.append(lab)
-                    W, H = rec["width"], rec["height"]
-                    for b in boxes:  # clip to the image (the writer's schema wants boxes inside)
-                        b[0], b[2] = min(max(b[0], 0.0), W), min(max(b[2], 0.0), W)
-                        b[1], b[3] = min(max(b[1], 0.0), H), min(max(b[3], 0.0), H)
-                    good = [j for j, b in enumerate(boxes) if b[2] > b[0] and b[3] > b[1]]
+                    # clip to the image (the writer's schema wants boxes inside)
+                    good = [j for j, b in enumerate(boxes) if _clip_box(b, W, H) is not None]
                     boxes, spans = [boxes[j] for j in good], [spans[j] for j in good]
                     scores, labels = [scores[j] for j in good], [labels[j] for j in good]
                     raw = [raw[j] for j in good]
@@ -407,6 +444,19 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                     if cfg.filters.unboxed_phrase == "skip" and len(set(labels)) < P:
                         acc.skip(str(rec["id"]), "unboxed_phrase")
                         continue
+                    whole = set()
+                    if cfg.filters.unboxed_phrase == "ignore":  # no negatives anywhere for a phrase without a box
+                        whole = set(range(P)) - set(labels)
+                        for lab in sorted(whole):
+                            ignore_boxes.append([0.0, 0.0, float(W), float(H)])
+                            ignore_spans.append([list(map(int, s)) for s in it["spans"][lab]])
+                    for k in ignore_candidates(d, kept, cfg.filters):
+                        lab = int(d.labels[k])
+                        b = _clip_box([round(float(v), 2) for v in d.boxes[k].tolist()], W, H)
+                        if lab in whole or b is None:  # already ignored everywhere / nothing inside the image
+                            continue
+                        ignore_boxes.append(b)
+                        ignore_spans.append([list(map(int, s)) for s in it["spans"][lab]])
                 st["kept_hist"] = [a + b for a, b in zip(st["kept_hist"], _hist(raw))]  # unrounded, as candidates
                 out_rec = {
                     "id": str(rec["id"]), "source": cfg.source, "kind": "grounding",
@@ -417,12 +467,15 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                               "truncated": bool(it["truncated"])},
                     "schema": 1, "image": rec.get("image") or "jpg",
                 }
+                if ignore_boxes:
+                    out_rec["ignore_boxes"], out_rec["ignore_spans"] = ignore_boxes, ignore_spans
                 if rec.get("hidden") is not None:  # synthetic truth rides along for scoring; never trained on
                     out_rec["hidden"] = rec["hidden"]
                 acc.samples.append((out_rec, it))
                 st["labelled"] += 1
                 st["phrases"] += P
                 st["boxes"] += len(boxes)
+                st["ignore_regions"] = st.get("ignore_regions", 0) + len(ignore_boxes)
                 st["truncated"] += int(bool(it["truncated"]))
                 for key, v in (("phrases_per_caption_hist", P), ("boxes_per_image_hist", len(boxes))):
                     st[key][str(v)] = st[key].get(str(v), 0) + 1
@@ -482,6 +535,8 @@ def plan_hash(cfg: LabelConfig, shards: list, teacher_sha: str) -> str:
     filters = asdict(cfg.filters)
     if filters["unboxed_phrase"] == "keep":  # the default: earlier plans (before the option existed) keep their hash
         del filters["unboxed_phrase"]
+    if filters["ignore_thresh"] is None:  # likewise
+        del filters["ignore_thresh"]
     plan = {"shards": [os.path.basename(s) for s in shards], "teacher": teacher_sha, "phrases": ph,
             "filters": filters, "min_size": cfg.min_size, "max_size": cfg.max_size,
             "source": cfg.source, "split": cfg.output_split or cfg.split}
@@ -569,6 +624,7 @@ def summarize(out_dir: str, out_split: str, n_shards: int) -> Optional[dict]:
             "phrases_per_caption": tot("phrases") / max(labelled, 1),
             "boxes_per_image": tot("boxes") / max(labelled, 1),
             "boxes": tot("boxes"), "candidates": tot("candidates"),
+            "ignore_regions": sum(s.get("ignore_regions", 0) for s in stats),
             "kept_fraction": labelled / max(n_input, 1),
             "kept_box_fraction": tot("boxes") / max(tot("candidates"), 1),
             "truncated_captions": tot("truncated"),
@@ -586,7 +642,7 @@ def format_summary(entry: dict) -> str:
              f"({q['kept_fraction']:.1%}), skipped {entry['skipped_total']} {entry['skipped']}",
              f"  phrases/caption {q['phrases_per_caption']:.2f}   boxes/image {q['boxes_per_image']:.2f}   "
              f"boxes kept {q['boxes']} of {q['candidates']} candidates ({q['kept_box_fraction']:.1%})   "
-             f"truncated captions {q['truncated_captions']}",
+             f"truncated captions {q['truncated_captions']}   ignore regions {q.get('ignore_regions', 0)}",
              "  score histogram (candidates | kept):"]
     bins = q["score_hist_bins"]
     for b in range(HIST_BINS):
@@ -641,6 +697,7 @@ def provenance_of(cfg: LabelConfig, teacher_path: str, teacher_sha: str, teacher
             "score_thresh": cfg.filters.score_thresh, "nms_thresh": cfg.filters.nms_thresh,
             "top_k": cfg.filters.top_k, "min_boxes": cfg.filters.min_boxes, "max_boxes": cfg.filters.max_boxes,
             "unboxed_phrase": cfg.filters.unboxed_phrase, "cross_phrase_nms": cfg.filters.cross_phrase_nms,
+            "ignore_thresh": cfg.filters.ignore_thresh,
             "min_size": cfg.min_size, "max_size": cfg.max_size,
             "spacy_model": cfg.phrases.model, "spacy_model_meta": spacy_info, "phrase_options": cfg.phrases.to_dict(),
             "glip_pl": glip_pl.__version__}

@@ -238,6 +238,7 @@ def sample_from_record(rec: dict, image, key: str = "", url: str = "") -> Sample
         id=str(rec["id"]), source=rec.get("source", ""), kind=rec["kind"], image=image,
         width=int(rec["width"]), height=int(rec["height"]), boxes=boxes,
         category_ids=rec.get("category_ids"), caption=rec.get("caption"), spans=spans, spans_eval=spans_eval,
-        scores=rec.get("scores"), ignore_boxes=ignore_boxes, ignore_spans=ignore_spans, provenance=rec.get("provenance"), hidden=rec.get("hidden"),
+        scores=rec.get("scores"), ignore_boxes=ignore_boxes, ignore_spans=ignore_spans,
+        provenance=rec.get("provenance"), hidden=rec.get("hidden"),
         extra=rec.get("extra") or {}, key=key, url=url,
     )

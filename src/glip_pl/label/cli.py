@@ -75,7 +75,8 @@ def register(subparsers) -> None:
 
 _FLAG_KEYS = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
               "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.cross_phrase_nms",
-              "filters.min_boxes", "filters.unboxed_phrase", "filters.ignore_thresh", "phrases.model", "overwrite", "wandb")
+              "filters.min_boxes", "filters.unboxed_phrase", "filters.ignore_thresh", "phrases.model", "overwrite",
+              "wandb")
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:

@@ -114,7 +114,8 @@ class GroundingCriterion(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ inputs
     def _prepare(self, outputs: GroundingOutputs, targets: Targets):
-        """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore)."""
+        """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask,
+        ignore regions or None)."""
         logits = outputs.logits.float()
         if logits.dim() != 3:
             raise GLIPInputError(f"outputs.logits must be (B, N, T), got {tuple(logits.shape)}")
@@ -146,7 +147,8 @@ class GroundingCriterion(nn.Module):
             mask = torch.ones(B, T, dtype=torch.bool, device=logits.device)
         elif tuple(mask.shape) != (B, T):
             raise GLIPInputError(f"outputs.text_mask must be (B={B}, T={T}), got {tuple(mask.shape)}")
-        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool(), _ignore_inputs(targets, B, T, logits.device)
+        ignore = _ignore_inputs(targets, B, T, logits.device)
+        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool(), ignore
 
     def _normalisers(self, num_pos: Tensor, ctr_sum: Tensor, reduce_mean) -> tuple[Tensor, Tensor]:
         # One collective for both normalisers; every rank makes it, whatever its number of positives.

@@ -259,6 +259,26 @@ def test_cross_phrase_nms_gives_an_object_to_one_phrase():
         LabelConfig.from_dict({"teacher": "t", "input": "i", "output": "o", "filters": {"cross_phrase_nms": 1.5}})
 
 
+def test_ignore_candidates_skip_objects_a_kept_box_claims():
+    """An unkept candidate on an object a kept box (of any phrase) covers stays a negative; one elsewhere becomes an
+    ignore region; below ignore_thresh nothing does."""
+    from types import SimpleNamespace
+
+    from glip_pl.label.job import FilterConfig, LabelConfig, ignore_candidates
+
+    obj, near, far = [10., 10., 50., 50.], [12., 11., 51., 49.], [100., 100., 140., 140.]
+    det = SimpleNamespace(boxes=torch.tensor([obj, near, far, [60., 60., 90., 90.], obj]),
+                          scores=torch.tensor([0.9, 0.25, 0.2, 0.05, 0.15]), labels=torch.tensor([0, 1, 1, 2, 0]))
+    f = FilterConfig(score_thresh=0.3, ignore_thresh=0.1)
+    assert ignore_candidates(det, [0], f) == [2]  # near / the duplicate overlap the kept box; 3 is below 0.1
+    assert ignore_candidates(det, [0], FilterConfig(score_thresh=0.3, ignore_thresh=0.1, ignore_overlap=None)) == \
+        [1, 2, 4]
+    assert ignore_candidates(det, [], f) == [0, 1, 2, 4]  # nothing kept: nothing claims an object
+    assert ignore_candidates(det, [0], FilterConfig(score_thresh=0.3)) == []  # off
+    with pytest.raises(ValueError, match="ignore_overlap"):
+        LabelConfig.from_dict({"teacher": "t", "input": "i", "output": "o", "filters": {"ignore_overlap": 0}})
+
+
 def test_student_recipe_stacks_on_the_demo_recipe():
     from pathlib import Path
 
@@ -334,6 +354,7 @@ def test_ignore_regions_are_the_unkept_candidates_above_ignore_thresh_and_reach_
     run_label(config(teacher, inp, tmp_path / "plain", filters=filters))
     plain = read("plain")
     entry = run_label(config(teacher, inp, tmp_path / "ign", filters={**filters, "ignore_thresh": low,
+                                                                      "ignore_overlap": None,
                                                                       "unboxed_phrase": "ignore"}))["entry"]
     ign = read("ign")
     assert set(ign) == set(plain) == set(every)

@@ -18,7 +18,8 @@ no boxes). Captions with a phrase the teacher left without a box: ``unboxed_phra
 included; with ``ignore`` the sample carries a whole-image ignore region for that phrase instead.
 
 Ignore regions (not in the official data): with ``ignore_thresh`` set, every teacher candidate scoring above it
-that the filters did not keep is written as an ignore region (``ignore_boxes`` with the phrase's ``ignore_spans``);
+that the filters did not keep and that overlaps no kept box at IoU >= ``ignore_overlap`` is written as an ignore
+region (``ignore_boxes`` with the phrase's ``ignore_spans``);
 the student's loss then takes no negative term for that phrase's tokens on anchors centred inside it, so an
 object the teacher was unsure of does not train as background. Kept boxes are unchanged.
 
@@ -75,6 +76,9 @@ class FilterConfig:
     # student takes no negative loss for that phrase's tokens there (an object the teacher was unsure of does not
     # train as background). None: off (official: every unkept candidate trains as background)
     ignore_thresh: Optional[float] = None
+    # ... unless it overlaps a kept box (any phrase) at IoU >= this: that object is labelled, the candidate is a
+    # duplicate or a confusion of phrases, and stays a negative for its phrase. None: every unkept candidate
+    ignore_overlap: Optional[float] = 0.5
 
 
 @dataclass
@@ -130,6 +134,9 @@ class LabelConfig:
         if t is not None and not 0.0 <= float(t) < float(self.filters.score_thresh):
             raise ValueError(f"filters.ignore_thresh must be a score in [0, score_thresh={self.filters.score_thresh})"
                              f" or null, got {t!r}")
+        o = self.filters.ignore_overlap
+        if o is not None and not 0.0 < float(o) <= 1.0:
+            raise ValueError(f"filters.ignore_overlap must be an IoU in (0, 1] or null, got {o!r}")
         x = self.filters.cross_phrase_nms
         if x is not None and not 0.0 < float(x) <= 1.0:
             raise ValueError(f"filters.cross_phrase_nms must be an IoU in (0, 1] or null, got {x!r}")
@@ -359,13 +366,19 @@ def filter_detections(det, P: int, f: FilterConfig) -> tuple:
 
 
 def ignore_candidates(det, keep: list, f: FilterConfig) -> list:
-    """Indices of the candidates that were not kept but score above ``f.ignore_thresh`` (descending score);
-    [] when the option is off."""
+    """Indices of the candidates that were not kept but score above ``f.ignore_thresh`` and overlap no kept box at
+    IoU >= ``f.ignore_overlap`` (descending score); [] when the option is off."""
     if f.ignore_thresh is None:
         return []
     scores = det.scores.float().cpu()
     kept = set(keep)
     out = [k for k in torch.nonzero(scores > f.ignore_thresh).flatten().tolist() if k not in kept]
+    if out and keep and f.ignore_overlap is not None:
+        from torchvision.ops import box_iou
+
+        boxes = det.boxes.float().cpu()
+        iou = box_iou(boxes[torch.tensor(out)], boxes[torch.tensor(keep)]).max(dim=1).values
+        out = [k for k, v in zip(out, iou.tolist()) if v < f.ignore_overlap]
     return sorted(out, key=lambda k: (-float(scores[k]), k))
 
 
@@ -535,8 +548,8 @@ def plan_hash(cfg: LabelConfig, shards: list, teacher_sha: str) -> str:
     filters = asdict(cfg.filters)
     if filters["unboxed_phrase"] == "keep":  # the default: earlier plans (before the option existed) keep their hash
         del filters["unboxed_phrase"]
-    if filters["ignore_thresh"] is None:  # likewise
-        del filters["ignore_thresh"]
+    if filters["ignore_thresh"] is None:  # likewise (ignore_overlap means nothing without it)
+        del filters["ignore_thresh"], filters["ignore_overlap"]
     plan = {"shards": [os.path.basename(s) for s in shards], "teacher": teacher_sha, "phrases": ph,
             "filters": filters, "min_size": cfg.min_size, "max_size": cfg.max_size,
             "source": cfg.source, "split": cfg.output_split or cfg.split}
@@ -697,7 +710,7 @@ def provenance_of(cfg: LabelConfig, teacher_path: str, teacher_sha: str, teacher
             "score_thresh": cfg.filters.score_thresh, "nms_thresh": cfg.filters.nms_thresh,
             "top_k": cfg.filters.top_k, "min_boxes": cfg.filters.min_boxes, "max_boxes": cfg.filters.max_boxes,
             "unboxed_phrase": cfg.filters.unboxed_phrase, "cross_phrase_nms": cfg.filters.cross_phrase_nms,
-            "ignore_thresh": cfg.filters.ignore_thresh,
+            "ignore_thresh": cfg.filters.ignore_thresh, "ignore_overlap": cfg.filters.ignore_overlap,
             "min_size": cfg.min_size, "max_size": cfg.max_size,
             "spacy_model": cfg.phrases.model, "spacy_model_meta": spacy_info, "phrase_options": cfg.phrases.to_dict(),
             "glip_pl": glip_pl.__version__}

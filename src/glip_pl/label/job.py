@@ -324,8 +324,8 @@ class ShardAccumulator:
     def __init__(self):
         self.samples: list = []  # (key, json bytes, image bytes, ext)
         self.stats = {"input": 0, "labelled": 0, "skipped": {}, "skipped_ids": {}, "phrases": 0, "boxes": 0,
-                      "candidates": 0, "truncated": 0, "score_hist": [0] * HIST_BINS, "kept_hist": [0] * HIST_BINS,
-                      "phrases_per_caption_hist": {}, "boxes_per_image_hist": {}}
+                      "candidates": 0, "ignore_regions": 0, "truncated": 0, "score_hist": [0] * HIST_BINS,
+                      "kept_hist": [0] * HIST_BINS, "phrases_per_caption_hist": {}, "boxes_per_image_hist": {}}
 
     def skip(self, sid: str, reason: str) -> None:
         s = self.stats
@@ -488,7 +488,7 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                 st["labelled"] += 1
                 st["phrases"] += P
                 st["boxes"] += len(boxes)
-                st["ignore_regions"] = st.get("ignore_regions", 0) + len(ignore_boxes)
+                st["ignore_regions"] += len(ignore_boxes)
                 st["truncated"] += int(bool(it["truncated"]))
                 for key, v in (("phrases_per_caption_hist", P), ("boxes_per_image_hist", len(boxes))):
                     st[key][str(v)] = st[key].get(str(v), 0) + 1
@@ -637,7 +637,7 @@ def summarize(out_dir: str, out_split: str, n_shards: int) -> Optional[dict]:
             "phrases_per_caption": tot("phrases") / max(labelled, 1),
             "boxes_per_image": tot("boxes") / max(labelled, 1),
             "boxes": tot("boxes"), "candidates": tot("candidates"),
-            "ignore_regions": sum(s.get("ignore_regions", 0) for s in stats),
+            "ignore_regions": sum(s.get("ignore_regions", 0) for s in stats),  # 0 in stats of earlier versions
             "kept_fraction": labelled / max(n_input, 1),
             "kept_box_fraction": tot("boxes") / max(tot("candidates"), 1),
             "truncated_captions": tot("truncated"),

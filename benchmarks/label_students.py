@@ -12,7 +12,8 @@ student's val box AP is scored on all 32 val images of look E (``glip-pl validat
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}' \\
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
 
-Prints one table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
+``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect teacher
+would give). Prints one table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
 gold-only row, and writes json to ``benchmarks/results/label_students.json``.
 """
 
@@ -71,6 +72,47 @@ def label(root: Path, teacher: Path, filters: dict) -> tuple:
     return out, entry, score_pseudo(str(out), "train", input_dir=str(root / "E" / "caption"))
 
 
+def thinned_true_labels(root: Path, recall: float, ignore: bool, seed: int = 0) -> Path:
+    """The web scenes' true grounding labels with each box kept with probability ``recall`` (a teacher that misses
+    objects but is never wrong); with ``ignore`` the dropped boxes become ignore regions for their phrase (what a
+    perfect ignore rule would give). Scenes left without a box are left out, as the job's min_boxes 1 does."""
+    import random
+    import tarfile
+
+    from glip_pl.data.reader import expand_urls, iter_raw
+    from glip_pl.label.job import _add_member
+
+    out = root / f"true_r{recall:g}{'_ignore' if ignore else ''}"
+    if out.exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    shards = []
+    for url in expand_urls(str(root / "E" / "grounding"), "train"):
+        name, count = os.path.basename(url), 0
+        with tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for raw in iter_raw(url):
+                rec = json.loads(raw["json"])
+                keep = [rng.random() < recall for _ in rec["boxes"]]
+                if not any(keep):
+                    continue
+                count += 1
+                dropped = [(b, sp) for b, sp, k in zip(rec["boxes"], rec["spans"], keep) if not k]
+                rec["boxes"] = [b for b, k in zip(rec["boxes"], keep) if k]
+                rec["spans"] = [sp for sp, k in zip(rec["spans"], keep) if k]
+                if ignore and dropped:
+                    rec["ignore_boxes"], rec["ignore_spans"] = [b for b, _ in dropped], [sp for _, sp in dropped]
+                _add_member(tar, f"{raw['__key__']}.json", json.dumps(rec).encode())
+                _add_member(tar, f"{raw['__key__']}.{rec['image']}", raw[rec["image"]])
+        shards.append({"name": name, "count": count, "bytes": os.path.getsize(tmp / name)})
+    index = {"schema_version": 1, "kind": "grounding", "source": tmp.parent.name + "-" + out.name,
+             "splits": {"train": {"count": sum(x["count"] for x in shards), "shards": shards}}}
+    (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    tmp.rename(out)
+    return out
+
+
 def _validate(cfg: Path, ckpt: Path) -> float:
     r = glip_pl("validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1.0",
                 timeout=1200)
@@ -114,6 +156,12 @@ def main(argv=None) -> int:
     p.add_argument("--filters", action="append", type=json.loads, metavar="JSON",
                    help="FilterConfig options of one labelling (repeat for more); default: score 0.3, top-1, "
                         "cross-phrase NMS 0.5")
+    p.add_argument("--true-labels", action="store_true",
+                   help="also a control row: gold + the web scenes' true grounding labels (the same 96 scenes)")
+    p.add_argument("--thinned-recall", type=float, metavar="R",
+                   help="also two control rows: the true labels with a fraction R of the boxes kept, without and "
+                        "with the dropped boxes as ignore regions")
+    p.add_argument("--no-gold", action="store_true", help="skip the gold-only row (e.g. when another run has it)")
     p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,8 +170,19 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     teacher = setup(root)
     rows = [{"labelling": "gold only", "teacher_ap": teacher_ap(root, teacher),
-             "aps": [student(root, teacher, None, s, args.steps) for s in args.seeds]}]
-    for filters in args.filters or [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]:
+             "aps": [] if args.no_gold else [student(root, teacher, None, s, args.steps) for s in args.seeds]}]
+    if args.true_labels:
+        rows.append({"labelling": "true labels (control)", "precision": 1.0, "recall": 1.0,
+                     "aps": [student(root, teacher, root / "E" / "grounding", s, args.steps) for s in args.seeds]})
+    if args.thinned_recall is not None:
+        for ignore in (False, True):
+            d = thinned_true_labels(root, args.thinned_recall, ignore)
+            rows.append({"labelling": f"true labels, recall {args.thinned_recall:g}"
+                                      f"{' + dropped boxes as ignore regions' if ignore else ''} (control)",
+                         "precision": 1.0, "recall": args.thinned_recall,
+                         "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
+    default = [] if args.true_labels or args.thinned_recall is not None else [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]
+    for filters in args.filters or default:
         out, entry, sc = label(root, teacher, filters)
         rows.append({"labelling": filters, "precision": sc["precision"], "recall": sc["recall"],
                      "labelled": entry["labelled"], "ignore_regions": entry["quality"].get("ignore_regions", 0),
@@ -133,6 +192,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         pr = f"{r['precision']:.2f} / {r['recall']:.2f}" if "precision" in r else "—"
+        if not r["aps"]:
+            continue
         aps = " / ".join(f"{a:.3f}" for a in r["aps"])
         name = r["labelling"] if isinstance(r["labelling"], str) else json.dumps(r["labelling"])
         print(f"| {name} | {pr} | {r.get('ignore_regions', '—')} | {aps} | {statistics.mean(r['aps']):.3f} |")

@@ -13,7 +13,9 @@ student's val box AP is scored on all 32 val images of look E (``glip-pl validat
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
 
 ``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect teacher
-would give). Prints one table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
+would give); ``--thinned-recall R`` two more (a random fraction R of the true boxes, without / with the dropped
+ones as ignore regions); ``--found-true`` one per labelling (the true boxes of the objects it found). Prints one
+table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
 gold-only row, and writes json to ``benchmarks/results/label_students.json``.
 """
 
@@ -72,29 +74,54 @@ def label(root: Path, teacher: Path, filters: dict) -> tuple:
     return out, entry, score_pseudo(str(out), "train", input_dir=str(root / "E" / "caption"))
 
 
+def found_true_labels(root: Path, pseudo: Path) -> Path:
+    """The web scenes' true grounding labels restricted to the objects a labelling found (a true box is kept when a
+    pseudo box of that scene overlaps it at IoU >= 0.5): the teacher's choice of objects with perfect boxes."""
+    import torch
+    from torchvision.ops import box_iou
+
+    from glip_pl.data import iter_samples
+
+    found = {}
+    for smp in iter_samples(str(pseudo), split="train", decode_images=False):
+        found[smp.id] = smp.boxes
+    return _rewrite_true_labels(root, f"true_found_{pseudo.name}", lambda rec: [
+        rec["id"] in found and len(found[rec["id"]]) > 0 and
+        bool(box_iou(torch.tensor([b], dtype=torch.float32), found[rec["id"]]).max() >= 0.5)
+        for b in rec["boxes"]], ignore=False)
+
+
 def thinned_true_labels(root: Path, recall: float, ignore: bool, seed: int = 0) -> Path:
     """The web scenes' true grounding labels with each box kept with probability ``recall`` (a teacher that misses
     objects but is never wrong); with ``ignore`` the dropped boxes become ignore regions for their phrase (what a
     perfect ignore rule would give). Scenes left without a box are left out, as the job's min_boxes 1 does."""
     import random
+
+    rng = random.Random(seed)
+    return _rewrite_true_labels(root, f"true_r{recall:g}{'_ignore' if ignore else ''}",
+                                lambda rec: [rng.random() < recall for _ in rec["boxes"]], ignore)
+
+
+def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool) -> Path:
+    """Copy the web scenes' grounding shards to ``root/name`` keeping the boxes ``choose(record)`` marks (the others
+    become ignore regions when ``ignore``); scenes left without a box are left out."""
     import tarfile
 
     from glip_pl.data.reader import expand_urls, iter_raw
     from glip_pl.label.job import _add_member
 
-    out = root / f"true_r{recall:g}{'_ignore' if ignore else ''}"
+    out = root / name
     if out.exists():
         return out
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     shards = []
     for url in expand_urls(str(root / "E" / "grounding"), "train"):
         name, count = os.path.basename(url), 0
         with tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT) as tar:
             for raw in iter_raw(url):
                 rec = json.loads(raw["json"])
-                keep = [rng.random() < recall for _ in rec["boxes"]]
+                keep = choose(rec)
                 if not any(keep):
                     continue
                 count += 1
@@ -161,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--thinned-recall", type=float, metavar="R",
                    help="also two control rows: the true labels with a fraction R of the boxes kept, without and "
                         "with the dropped boxes as ignore regions")
+    p.add_argument("--found-true", action="store_true",
+                   help="also a control row per labelling: the true labels of the objects it found")
     p.add_argument("--no-gold", action="store_true", help="skip the gold-only row (e.g. when another run has it)")
     p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
     args = p.parse_args(argv)
@@ -187,6 +216,11 @@ def main(argv=None) -> int:
         rows.append({"labelling": filters, "precision": sc["precision"], "recall": sc["recall"],
                      "labelled": entry["labelled"], "ignore_regions": entry["quality"].get("ignore_regions", 0),
                      "aps": [student(root, teacher, out, s, args.steps) for s in args.seeds]})
+        if args.found_true:
+            d = found_true_labels(root, out)
+            rows.append({"labelling": f"true labels of the objects {json.dumps(filters)} found (control)",
+                         "precision": 1.0, "recall": float("nan"),
+                         "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
     print(f"teacher AP on look E {rows[0]['teacher_ap']:.3f}; seeds {args.seeds}, {args.steps} steps")
     print("| labelling | precision / recall | ignore regions | AP per seed | mean |")
     print("|---|---|---|---|---|")

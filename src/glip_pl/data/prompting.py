@@ -131,18 +131,7 @@ def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN)
     ids = text.input_ids[0]
     T = int(ids.shape[0])
     where = f"sample {sample.id}"
-    spans = list(sample.phrase_spans or [])
-    try:  # one call for all phrases (the usual case)
-        pmap, keep = spans_to_token_map(sample.caption, spans, offsets[0], T, where=where), list(range(len(spans)))
-    except GLIPInputError:  # some phrase maps to no token: keep the others
-        rows, keep = [], []
-        for p, phrase in enumerate(spans):
-            try:
-                rows.append(spans_to_token_map(sample.caption, [phrase], offsets[0], T, where=where))
-                keep.append(p)
-            except GLIPInputError:  # truncated away (or only punctuation): the phrase cannot be grounded
-                continue
-        pmap = torch.cat(rows) if rows else torch.zeros(0, T)
+    pmap, keep = _mappable_rows(sample.caption, list(sample.phrase_spans or []), offsets[0], T, where)
     P = len(sample.phrase_spans or [])
     if len(keep) < P:
         remap = torch.full((P,), -1, dtype=torch.long)
@@ -163,21 +152,30 @@ def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN)
     return sample
 
 
+def _mappable_rows(caption: str, span_lists: list, offsets, T: int, where: str) -> tuple:
+    """((K', T) token map, kept indices) of the span lists that map to at least one token; one that maps to none
+    (truncated away, or only punctuation: it cannot be grounded) is left out."""
+    try:  # one call for all of them (the usual case)
+        return spans_to_token_map(caption, span_lists, offsets, T, where=where), list(range(len(span_lists)))
+    except GLIPInputError:
+        rows, keep = [], []
+        for k, spans in enumerate(span_lists):
+            try:
+                rows.append(spans_to_token_map(caption, [spans], offsets, T, where=where))
+                keep.append(k)
+            except GLIPInputError:
+                continue
+        return (torch.cat(rows) if rows else torch.zeros(0, T)), keep
+
+
 def _ignore_token_map(sample: Sample, offsets, T: int, where: str) -> tuple:
     """(ignore boxes, (K, T) token map) of the sample's ignore regions; a region whose spans map to no token
     (truncated away) is removed and counted in ``sample.extra["unmapped_ignore_regions"]``."""
     boxes = sample.ignore_boxes if sample.ignore_boxes is not None else torch.zeros(0, 4)
     if len(boxes) != len(sample.ignore_spans):
         raise GLIPInputError(f"{where}: {len(boxes)} ignore boxes but {len(sample.ignore_spans)} ignore span lists")
-    rows, keep = [], []
-    for k, spans in enumerate(sample.ignore_spans):
-        try:
-            rows.append(spans_to_token_map(sample.caption, [spans], offsets, T, where=where))
-            keep.append(k)
-        except GLIPInputError:
-            continue
+    imap, keep = _mappable_rows(sample.caption, list(sample.ignore_spans), offsets, T, where)
     if len(keep) < len(boxes):
         sample.extra = dict(sample.extra, unmapped_ignore_regions=len(boxes) - len(keep))
         sample.ignore_spans = [sample.ignore_spans[k] for k in keep]
-    imap = torch.cat(rows) if rows else torch.zeros(0, T)
     return boxes[torch.tensor(keep, dtype=torch.long)] if len(keep) < len(boxes) else boxes, imap

@@ -136,12 +136,11 @@ def hflip(sample: Sample, swap_words: bool = True) -> Sample:
 
         W = sample.image.size[0]
         sample.image = sample.image.transpose(Image.FLIP_LEFT_RIGHT)
+    flip = lambda b: torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)  # noqa: E731
     if len(sample.boxes):
-        b = sample.boxes
-        sample.boxes = torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)
+        sample.boxes = flip(sample.boxes)
     if sample.ignore_boxes is not None and len(sample.ignore_boxes):
-        b = sample.ignore_boxes
-        sample.ignore_boxes = torch.stack([W - b[:, 2], b[:, 1], W - b[:, 0], b[:, 3]], dim=1)
+        sample.ignore_boxes = flip(sample.ignore_boxes)
     if swap_words and sample.kind != "detection" and sample.caption:
         lists = list(sample.phrase_spans or [])
         n_ph = len(lists)

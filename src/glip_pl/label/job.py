@@ -431,8 +431,10 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                 boxes, spans, scores, labels, raw = [], [], [], [], []
                 ignore_boxes, ignore_spans = [], []
                 W, H = rec["width"], rec["height"]
+                phrase_spans = [[list(map(int, s)) for s in sp] for sp in it["spans"]]  # per phrase, json-ready
                 if P:
                     d = dets[id(it)]
+                    box_of = lambda k: [round(float(v), 2) for v in d.boxes[k].tolist()]  # noqa: E731
                     all_scores = d.scores.float().cpu()
                     floor = min(cfg.filters.candidate_thresh, cfg.filters.score_thresh)  # ignore_thresh may be lower
                     all_scores = all_scores[all_scores > floor].tolist()
@@ -441,8 +443,8 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                     kept = filter_detections(d, P, cfg.filters)
                     for k in kept:
                         lab = int(d.labels[k])
-                        boxes.append([round(float(v), 2) for v in d.boxes[k].tolist()])
-                        spans.append([list(map(int, s)) for s in it["spans"][lab]])
+                        boxes.append(box_of(k))
+                        spans.append(phrase_spans[lab])
                         scores.append(round(float(d.scores[k]), 4))
                         raw.append(float(d.scores[k]))
                         labels.append(lab)
@@ -462,20 +464,20 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                         whole = set(range(P)) - set(labels)
                         for lab in sorted(whole):
                             ignore_boxes.append([0.0, 0.0, float(W), float(H)])
-                            ignore_spans.append([list(map(int, s)) for s in it["spans"][lab]])
+                            ignore_spans.append(phrase_spans[lab])
                     for k in ignore_candidates(d, kept, cfg.filters):
                         lab = int(d.labels[k])
-                        b = _clip_box([round(float(v), 2) for v in d.boxes[k].tolist()], W, H)
+                        b = _clip_box(box_of(k), W, H)
                         if lab in whole or b is None:  # already ignored everywhere / nothing inside the image
                             continue
                         ignore_boxes.append(b)
-                        ignore_spans.append([list(map(int, s)) for s in it["spans"][lab]])
+                        ignore_spans.append(phrase_spans[lab])
                 st["kept_hist"] = [a + b for a, b in zip(st["kept_hist"], _hist(raw))]  # unrounded, as candidates
                 out_rec = {
                     "id": str(rec["id"]), "source": cfg.source, "kind": "grounding",
                     "width": int(rec["width"]), "height": int(rec["height"]), "caption": it["caption"],
                     "boxes": boxes, "spans": spans, "scores": scores, "provenance": provenance,
-                    "extra": {**(rec.get("extra") or {}), "phrases": [[list(s) for s in sp] for sp in it["spans"]],
+                    "extra": {**(rec.get("extra") or {}), "phrases": phrase_spans,
                               "phrase_names": it["names"], "box_phrases": labels, "input_source": rec.get("source"),
                               "truncated": bool(it["truncated"])},
                     "schema": 1, "image": rec.get("image") or "jpg",

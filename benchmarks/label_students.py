@@ -12,7 +12,8 @@ student's val box AP is scored on all 32 val images of look E (``glip-pl validat
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}' \\
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
 
-``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect teacher
+``--box-loss-weight 1 0`` trains a student per labelling with the pseudo boxes in the box losses (1, as gold) and
+one with them in the token loss only (0). ``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect teacher
 would give); ``--thinned-recall R`` two more (a random fraction R of the true boxes, without / with the dropped
 ones as ignore regions); ``--found-true`` one per labelling (the true boxes of the objects it found). Prints one
 table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
@@ -149,14 +150,16 @@ def _validate(cfg: Path, ckpt: Path) -> float:
     return float(aps[-1])
 
 
-def student(root: Path, teacher: Path, pseudo, seed: int, steps: int) -> float:
-    """Val box AP (look E) of a student trained from the teacher's weights on gold (+ pseudo)."""
+def student(root: Path, teacher: Path, pseudo, seed: int, steps: int, box_loss_weight: float = 1.0) -> float:
+    """Val box AP (look E) of a student trained from the teacher's weights on gold (+ pseudo, whose boxes weigh
+    ``box_loss_weight`` in the box regression and centerness losses)."""
     runs = root / "students"
     runs.mkdir(exist_ok=True)
     train = [{"urls": str(root / "gold" / "detection")}, {"urls": str(root / "gold" / "grounding")}]
     if pseudo is not None:
-        train.append({"urls": str(pseudo), "split": "train"})
-    name = f"{pseudo.name if pseudo is not None else 'gold'}_s{seed}_n{steps}"
+        train.append({"urls": str(pseudo), "split": "train", "box_loss_weight": box_loss_weight})
+    bw = "" if box_loss_weight == 1.0 else f"_bw{box_loss_weight:g}"
+    name = f"{pseudo.name if pseudo is not None else 'gold'}{bw}_s{seed}_n{steps}"
     cfg = recipe(runs, name, str(root / "E"), steps=steps, val_first=False, validate=False,
                  model={"preset": "tiny", "init_weights": str(teacher), "warmup_steps": 0, "schedule": "constant",
                         "lr": 5e-4, "lang_lr": 5e-4}, train=train)
@@ -190,6 +193,9 @@ def main(argv=None) -> int:
                         "with the dropped boxes as ignore regions")
     p.add_argument("--found-true", action="store_true",
                    help="also a control row per labelling: the true labels of the objects it found")
+    p.add_argument("--box-loss-weight", type=float, nargs="+", default=[1.0], metavar="W",
+                   help="one row per labelling and W: the pseudo source's box_loss_weight (0: its boxes train the "
+                        "token loss only; default 1, as gold)")
     p.add_argument("--no-gold", action="store_true", help="skip the gold-only row (e.g. when another run has it)")
     p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
     args = p.parse_args(argv)
@@ -213,9 +219,11 @@ def main(argv=None) -> int:
     default = [] if args.true_labels or args.thinned_recall is not None else [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]
     for filters in args.filters or default:
         out, entry, sc = label(root, teacher, filters)
-        rows.append({"labelling": filters, "precision": sc["precision"], "recall": sc["recall"],
-                     "labelled": entry["labelled"], "ignore_regions": entry["quality"].get("ignore_regions", 0),
-                     "aps": [student(root, teacher, out, s, args.steps) for s in args.seeds]})
+        for w in args.box_loss_weight:
+            rows.append({"labelling": filters if w == 1.0 else f"{json.dumps(filters)}, box_loss_weight {w:g}",
+                         "precision": sc["precision"], "recall": sc["recall"], "labelled": entry["labelled"],
+                         "ignore_regions": entry["quality"].get("ignore_regions", 0),
+                         "aps": [student(root, teacher, out, s, args.steps, w) for s in args.seeds]})
         if args.found_true:
             d = found_true_labels(root, out)
             rows.append({"labelling": f"true labels of the objects {json.dumps(filters)} found (control)",

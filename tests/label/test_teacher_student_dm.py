@@ -51,6 +51,34 @@ def test_train_mix_holds_gold_and_pseudo_weights(synthetic_shards, pseudo):
     assert counts == {"synthetic-grounding": 10, "pseudo-synthetic": 30}, counts
 
 
+def test_pseudo_boxes_can_leave_the_box_losses_to_gold(synthetic_shards, pseudo):
+    """``box_loss_weight: 0`` on the pseudo source: its samples' boxes get weight 0 in the batch's targets (gold
+    samples 1); the token targets are untouched; without the option batches carry no weights at all."""
+    from glip_pl.label.datamodule import TeacherStudentDataModule
+
+    def batches(weight):
+        dm = TeacherStudentDataModule(
+            train=[{"urls": f"{synthetic_shards}/grounding"}],
+            pseudo=[{"urls": pseudo["output"], "split": "val", "box_loss_weight": weight}],
+            batch_size=4, num_workers=0, train_min_sizes=[64], train_max_size=64, steps_per_epoch=4)
+        return list(dm.train_dataloader())
+
+    weighted, plain = batches(0.0), batches(1.0)
+    assert all(b.targets.box_weight is None for b in plain)
+    seen = Counter()
+    for b, p in zip(weighted, plain):
+        assert b.ids == p.ids and torch.equal(b.targets.positive_map, p.targets.positive_map)
+        assert b.targets.box_weight.shape == b.targets.valid.shape
+        for i, src in enumerate(b.sources):
+            seen[src] += 1
+            assert (b.targets.box_weight[i] == (0.0 if src == "pseudo-synthetic" else 1.0)).all(), (src, i)
+    assert set(seen) == {"synthetic-grounding", "pseudo-synthetic"}
+    for bad in (-1.0, float("nan"), "0"):
+        with pytest.raises(ValueError, match="box_loss_weight must be a number >= 0"):
+            TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}],
+                                     pseudo=[{"urls": pseudo["output"], "split": "val", "box_loss_weight": bad}])
+
+
 def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shards, pseudo, tmp_path):
     from glip_pl.label.datamodule import TeacherStudentDataModule
 
@@ -90,7 +118,8 @@ def test_glip_pl_fit_selects_the_teacher_student_data_module(synthetic_shards, p
         "model": {"preset": "tiny", "lr": 1e-3, "lang_lr": 1e-3, "warmup_steps": 1},
         "data": {"class_path": "glip_pl.label.datamodule.TeacherStudentDataModule",
                  "init_args": {"train": [{"urls": f"{synthetic_shards}/grounding", "weight": 1.0}],
-                               "pseudo": [{"urls": pseudo["output"], "split": "val", "weight": 1.0}],
+                               "pseudo": [{"urls": pseudo["output"], "split": "val", "weight": 1.0,
+                                           "box_loss_weight": 0.0}],
                                "batch_size": 4, "num_workers": 0, "train_min_sizes": [64], "train_max_size": 64}},
     }
     path = tmp_path / "student.yaml"

@@ -155,7 +155,7 @@ def test_reduce_mean_hook_is_called_and_changes_the_normaliser():
     crit = _criterion()
     crit.reduce_mean = fake_all_reduce_mean  # set as an attribute by the training shell
     crit(*_tiny(valid=False))  # still called with zero positives (every rank must join the collective)
-    assert len(calls) == 2 and calls[1].tolist() == [0.0, 0.0]
+    assert len(calls) == 2 and calls[1].tolist() == [0.0, 0.0, 0.0]
     assert crit(outputs, targets)["loss_reg"].item() == pytest.approx(base["loss_reg"].item() / 4, rel=1e-6)
 
 
@@ -314,3 +314,66 @@ def test_with_text_length_pads_or_cuts_both_token_maps():
     with pytest.raises(GLIPInputError, match="ignore_map marks tokens beyond the prompt's 3 tokens"):
         t.with_text_length(3)
     assert t.pad_text_to(2) is t
+
+
+# ---------------------------------------------------------------------------------------------- box weights
+
+
+def test_box_weight_scales_regression_and_centerness_against_hand_values():
+    from dataclasses import replace
+
+    outputs, targets = _tiny()
+    d, z = outputs.box_regression.tolist(), outputs.centerness.tolist()
+    c0, c1 = math.sqrt(4 / 6 * 4 / 4), math.sqrt(9 / 10 * 10 / 10)
+    g0 = _giou_loss(_decode(d[0][0], ANCHORS[0].tolist()), A)
+    g1 = _giou_loss(_decode(d[1][3], ANCHORS[3].tolist()), B_BOX)
+    b0, b1 = _bce(z[0][0], c0), _bce(z[1][3], c1)
+    base = _criterion()(outputs, targets)
+    w0, w1 = 0.25, 1.0  # box A (image 0) at a quarter, box B as gold; the padding rows' weights do not matter
+    terms = _criterion()(outputs, replace(targets, box_weight=torch.tensor([[w0, 9.0], [w1, 0.0]])))
+    assert terms["loss_reg"].item() == pytest.approx((w0 * g0 * c0 + w1 * g1 * c1) / (w0 * c0 + w1 * c1), rel=1e-5)
+    assert terms["loss_centerness"].item() == pytest.approx((w0 * b0 + w1 * b1) / (w0 + w1), rel=1e-5)
+    assert terms["loss_token"].item() == base["loss_token"].item()  # the token loss trains every box fully
+    # weight 0: box A's anchor gets no regression / centerness gradient, its token logits still do
+    terms = _criterion()(outputs, replace(targets, box_weight=torch.tensor([[0.0, 0.0], [1.0, 0.0]])))
+    assert terms["loss_reg"].item() == pytest.approx(g1, rel=1e-5)
+    assert terms["loss_centerness"].item() == pytest.approx(b1, rel=1e-5)
+    _criterion().total(terms).backward()
+    assert (outputs.box_regression.grad[0] == 0).all() and (outputs.centerness.grad[0] == 0).all()
+    assert (outputs.box_regression.grad[1, 3] != 0).any() and outputs.centerness.grad[1, 3] != 0
+    assert (outputs.logits.grad[0, 0, :3] != 0).all()
+
+
+def test_box_weight_of_ones_changes_nothing_and_bad_weights_name_the_field():
+    from dataclasses import replace
+
+    outputs, targets = _random_case(0, plus_one=False)
+    crit = GroundingCriterion(BoxCoder())
+    base = crit(outputs, targets)
+    ones = crit(outputs, replace(targets, box_weight=torch.ones(targets.valid.shape)))
+    for k in base:
+        assert ones[k].item() == base[k].item()
+    for bad, match in ((torch.ones(4, 5), r"box_weight must be \(B=4, M=6\)"),
+                       (torch.full((4, 6), -1.0), "finite and >= 0"),
+                       (torch.full((4, 6), float("nan")), "finite and >= 0")):
+        with pytest.raises(GLIPInputError, match=match):
+            crit(outputs, replace(targets, box_weight=bad))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_box_weight_vectorised_equals_per_image_reference(seed):
+    from dataclasses import replace
+
+    outputs, targets = _random_case(seed, plus_one=False)
+    g = torch.Generator().manual_seed(200 + seed)
+    w = torch.rand(targets.valid.shape, generator=g)
+    w[1] = 0.0  # an image whose boxes train the token loss only
+    weighted = replace(targets, box_weight=w)
+    crit = GroundingCriterion(BoxCoder())
+    fast, slow, plain = crit(outputs, weighted), criterion_reference(crit, outputs, weighted), crit(outputs, targets)
+    assert fast["loss_reg"].item() != pytest.approx(plain["loss_reg"].item(), rel=1e-3)
+    for k in fast:
+        assert fast[k].item() == pytest.approx(slow[k].item(), rel=1e-5), k
+    params = [outputs.logits, outputs.box_regression, outputs.centerness]
+    for a, b in zip(torch.autograd.grad(crit.total(fast), params), torch.autograd.grad(crit.total(slow), params)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -35,6 +35,7 @@ class GroundingBatch:
     orig_sizes: Tensor  # (B, 2) long (h, w)
     text: TextInputs  # (B, T)
     targets: Targets  # boxes (B, M, 4), valid (B, M), positive_map (B, M, T) [+ ignore regions (B, K, ...)]
+    #                   [+ box_weight (B, M) when a sample's source weighs its boxes != 1 in the box losses]
     captions: list  # list[str]
     phrase_maps: list  # list[Tensor (P_b, T)] float 0/1
     phrase_names: list  # list[list[str]]
@@ -122,6 +123,9 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
             boxes[b, :m], valid[b, :m] = s.boxes, True
             pmap[b, :m] = pm[s.box_phrases]
     ignore = _collate_ignore(samples, T)
+    if any(s.box_weight is not None and s.box_weight != 1.0 for s in samples):  # else all 1: left out
+        ignore["box_weight"] = torch.tensor([1.0 if s.box_weight is None else float(s.box_weight)
+                                             for s in samples])[:, None].expand(B, M).contiguous()
     meta = []
     for s in samples:
         d = {k: getattr(s, k) for k in META_FIELDS if getattr(s, k) is not None}
@@ -134,7 +138,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         image_sizes=sizes,
         orig_sizes=torch.tensor([[s.height, s.width] for s in samples], dtype=torch.long),
         text=TextInputs(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)),
-        targets=Targets(boxes=boxes, valid=valid, positive_map=pmap, **ignore),
+        targets=Targets(boxes=boxes, valid=valid, positive_map=pmap, **ignore),  # [+ box_weight]
         captions=[s.caption for s in samples],
         phrase_maps=phrase_maps,
         phrase_names=[list(s.phrase_names or []) for s in samples],

@@ -51,6 +51,7 @@ class SourceSpec:
     kind: Optional[str] = None  # optional check against index.json
     categories: Optional[list] = None  # [{"id", "name"}], default: index.json's
     prompt_mode: Optional[str] = None  # detection prompts: "sampled" | "all"; default by train/eval
+    box_loss_weight: float = 1.0  # weight of the boxes in loss_reg / loss_centerness (0: token loss only)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ResolvedSource:
     categories: Optional[list] = None
     kind: Optional[str] = None
     prompt_mode: Optional[str] = None
+    box_loss_weight: float = 1.0
     table: Optional[CategoryTable] = field(default=None, repr=False)
 
     @property
@@ -99,7 +101,7 @@ def resolve_source(spec: SourceSpec) -> ResolvedSource:
         raise ValueError(f"source {name!r}: no shards found for {spec.urls!r} (split {spec.split!r})")
     return ResolvedSource(name=name, urls=urls, weight=float(spec.weight), counts=counts,
                           categories=spec.categories or index.get("categories"), kind=spec.kind or kind,
-                          prompt_mode=spec.prompt_mode)
+                          prompt_mode=spec.prompt_mode, box_loss_weight=float(spec.box_loss_weight))
 
 
 class GroundingStream(IterableDataset):
@@ -159,6 +161,8 @@ class GroundingStream(IterableDataset):
         src = self.sources[si]
         sample = decode_sample(raw)
         sample.source = src.name
+        if src.box_loss_weight != 1.0:
+            sample.box_weight = src.box_loss_weight
         cfg = self.prompts
         if src.prompt_mode and src.prompt_mode != cfg.mode:
             cfg = PromptConfig(**{**cfg.__dict__, "mode": src.prompt_mode})

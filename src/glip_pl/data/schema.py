@@ -211,6 +211,8 @@ class Sample:
     input_ids: Optional[Tensor] = None  # (T,) long
     phrase_map: Optional[Tensor] = None  # (P, T) float 0/1
     ignore_map: Optional[Tensor] = None  # (K, T) float 0/1, one row per ignore box
+    # set by the pipeline from the source (``SourceSpec.box_loss_weight``); None = 1
+    box_weight: Optional[float] = None  # weight of every box of this sample in loss_reg / loss_centerness
     # bookkeeping
     image_size: Optional[tuple] = None  # (h, w) of the image content after the transforms
     position: Optional[tuple] = None  # (logical worker, index in the worker's raw stream)

@@ -13,6 +13,7 @@ raise. Validation keeps ``val_on_error`` ("raise"): a metric over silently fewer
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -36,8 +37,15 @@ class Source:
     # Class names to use instead of index.json's, e.g. to rename an ODinW-style set's classes for the prompt:
     # [{"id": 1, "name": "ruby disc"}, ...]; every id the shards use must be listed.
     categories: Optional[list[dict]] = None
+    # Weight of this source's boxes in the box regression and centerness losses (the token loss always trains
+    # them fully): 1 as gold; 0 lets boxes placed less exactly than a human's (pseudo labels) name their objects
+    # without teaching the box head their placement.
+    box_loss_weight: float = 1.0
 
     def __post_init__(self):
+        w = self.box_loss_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"source {self.urls!r}: box_loss_weight must be a number >= 0, got {w!r}")
         if self.categories is None:
             return
         if not isinstance(self.categories, (list, tuple)) or not self.categories:
@@ -116,7 +124,7 @@ class GroundingDataModule(L.LightningDataModule):
     @staticmethod
     def _spec(s: Source) -> SourceSpec:
         return SourceSpec(urls=s.urls, weight=s.weight, split=s.split, name=s.name, kind=s.kind,
-                          prompt_mode=s.prompt_mode,
+                          prompt_mode=s.prompt_mode, box_loss_weight=float(s.box_loss_weight),
                           categories=[{"id": c["id"], "name": c["name"]} for c in s.categories] if s.categories else None)
 
     def val_category_names(self) -> dict:

@@ -69,6 +69,18 @@ def _ignore_inputs(targets: Targets, B: int, T: int, device) -> Optional[tuple]:
     return boxes.to(device), valid.to(device), F.pad(imap, (0, T - imap.shape[-1])).to(device)
 
 
+def _box_weights(targets: Targets, B: int, M: int) -> Tensor:
+    """(B, M) fp32 box weights of the targets (all 1 when there are none), checked."""
+    if targets.box_weight is None:
+        return torch.ones(B, M, device=targets.boxes.device)
+    w = targets.box_weight.float()
+    if tuple(w.shape) != (B, M):
+        raise GLIPInputError(f"targets.box_weight must be (B={B}, M={M}), got {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise GLIPInputError("targets.box_weight must be finite and >= 0")
+    return w.to(targets.boxes.device)
+
+
 def _giou_loss(pred_P4: Tensor, gt_P4: Tensor) -> Tensor:
     """1 - GIoU per pair, (P,); a decoded box with x2 < x1 is flattened to zero width first (as the official)."""
     x1, y1, x2, y2 = pred_P4.unbind(-1)
@@ -115,7 +127,7 @@ class GroundingCriterion(nn.Module):
     # ------------------------------------------------------------------------------------------------ inputs
     def _prepare(self, outputs: GroundingOutputs, targets: Targets):
         """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask,
-        ignore regions or None)."""
+        ignore regions or None, box weights (B, M))."""
         logits = outputs.logits.float()
         if logits.dim() != 3:
             raise GLIPInputError(f"outputs.logits must be (B, N, T), got {tuple(logits.shape)}")
@@ -148,12 +160,15 @@ class GroundingCriterion(nn.Module):
         elif tuple(mask.shape) != (B, T):
             raise GLIPInputError(f"outputs.text_mask must be (B={B}, T={T}), got {tuple(mask.shape)}")
         ignore = _ignore_inputs(targets, B, T, logits.device)
-        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool(), ignore
+        return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool(), ignore, _box_weights(targets, B, M)
 
-    def _normalisers(self, num_pos: Tensor, ctr_sum: Tensor, reduce_mean) -> tuple[Tensor, Tensor]:
-        # One collective for both normalisers; every rank makes it, whatever its number of positives.
-        stats = reduce_mean(torch.stack([num_pos.detach().float(), ctr_sum.detach().float()]))
-        return stats[0].clamp(min=1.0), stats[1].clamp(min=1e-6)
+    def _normalisers(self, num_pos: Tensor, ctr_sum: Tensor, weight_sum: Tensor, reduce_mean) -> tuple:
+        """(positives, box-weighted centerness target sum, box-weight sum) averaged over ranks; one collective for
+        all three, which every rank makes whatever its number of positives. With all box weights 1 the last two
+        are the plain centerness sum and the positive count."""
+        stats = reduce_mean(torch.stack([num_pos.detach().float(), ctr_sum.detach().float(),
+                                         weight_sum.detach().float()]))
+        return stats[0].clamp(min=1.0), stats[1].clamp(min=1e-6), stats[2].clamp(min=1e-6)
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(
@@ -161,7 +176,7 @@ class GroundingCriterion(nn.Module):
     ) -> dict:
         reduce_mean = reduce_mean or self.reduce_mean or _identity
         with torch.autocast(device_type=outputs.logits.device.type, enabled=False):
-            logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore = self._prepare(outputs, targets)
+            logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore, bw = self._prepare(outputs, targets)
             B, N, T = logits.shape
             matched = atss_assign(anchors, outputs.num_anchors_per_level, boxes, valid, self.topk, self.plus_one)
             pos = matched >= 0  # (B, N)
@@ -179,24 +194,28 @@ class GroundingCriterion(nn.Module):
                 logits[sel], token_tgt[sel], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
             )
 
-            # Regression and centerness on the P positives of the whole batch.
+            # Regression and centerness on the P positives of the whole batch, each weighted by its box's weight
+            # (and normalised by the weighted sums: a weight-0 box neither trains nor dilutes these terms).
             b_idx, n_idx = pos.nonzero(as_tuple=True)
-            gt = boxes[b_idx, matched[b_idx, n_idx]]  # (P, 4)
+            m_idx = matched[b_idx, n_idx]
+            gt = boxes[b_idx, m_idx]  # (P, 4)
+            w = bw[b_idx, m_idx]  # (P,)
             anc = anchors[n_idx]
             ctr_tgt = centerness_targets(anc, gt)
-            num_pos_avg, ctr_avg = self._normalisers(pos.sum(), ctr_tgt.sum(), reduce_mean)
+            num_pos_avg, ctr_avg, w_avg = self._normalisers(pos.sum(), (w * ctr_tgt).sum(), w.sum(), reduce_mean)
 
             if b_idx.numel() == 0:
                 reg_sum = deltas.sum() * 0.0
                 ctr_loss_sum = ctr.sum() * 0.0
             else:
                 pred = self.box_coder.decode(deltas[b_idx, n_idx], anc)
-                reg_sum = (_giou_loss(pred, gt) * ctr_tgt).sum()
-                ctr_loss_sum = F.binary_cross_entropy_with_logits(ctr[b_idx, n_idx], ctr_tgt, reduction="sum")
+                reg_sum = (_giou_loss(pred, gt) * ctr_tgt * w).sum()
+                ctr_bce = F.binary_cross_entropy_with_logits(ctr[b_idx, n_idx], ctr_tgt, reduction="none")
+                ctr_loss_sum = (ctr_bce * w).sum()
         return {
             "loss_token": token_sum / num_pos_avg,
             "loss_reg": reg_sum / ctr_avg,
-            "loss_centerness": ctr_loss_sum / num_pos_avg,
+            "loss_centerness": ctr_loss_sum / w_avg,
         }
 
 
@@ -208,13 +227,14 @@ def criterion_reference(
 ) -> dict:
     """Slow per-image version of ``criterion(outputs, targets)`` (atss_assign_reference, one image at a time)."""
     reduce_mean = reduce_mean or criterion.reduce_mean or _identity
-    logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore = criterion._prepare(outputs, targets)
+    logits, deltas, ctr, anchors, boxes, valid, pmap, mask, ignore, bw = criterion._prepare(outputs, targets)
     B, N, T = logits.shape
     token_sum = logits.sum() * 0.0
     reg_sum = deltas.sum() * 0.0
     ctr_loss_sum = ctr.sum() * 0.0
     num_pos = 0
     ctr_tgt_sum = torch.zeros((), device=logits.device)
+    weight_sum = torch.zeros((), device=logits.device)
     for b in range(B):
         matched = atss_assign_reference(
             anchors, outputs.num_anchors_per_level, boxes[b : b + 1], valid[b : b + 1], criterion.topk,
@@ -241,17 +261,19 @@ def criterion_reference(
         if not bool(pos.any()):
             continue
         gt = boxes[b, matched[pos]]
+        wt = bw[b, matched[pos]]  # each positive anchor takes its box's weight
         anc = anchors[pos]
         ct = centerness_targets(anc, gt)
         pred = criterion.box_coder.decode(deltas[b][pos], anc)
-        reg_sum = reg_sum + (_giou_loss(pred, gt) * ct).sum()
-        ctr_loss_sum = ctr_loss_sum + F.binary_cross_entropy_with_logits(ctr[b][pos], ct, reduction="sum")
+        reg_sum = reg_sum + (wt * _giou_loss(pred, gt) * ct).sum()
+        ctr_loss_sum = ctr_loss_sum + (wt * F.binary_cross_entropy_with_logits(ctr[b][pos], ct, reduction="none")).sum()
         num_pos += int(pos.sum())
-        ctr_tgt_sum = ctr_tgt_sum + ct.sum()
+        ctr_tgt_sum = ctr_tgt_sum + (wt * ct).sum()
+        weight_sum = weight_sum + wt.sum()
     num_pos_t = torch.tensor(float(num_pos), device=logits.device)
-    num_pos_avg, ctr_avg = criterion._normalisers(num_pos_t, ctr_tgt_sum, reduce_mean)
+    num_pos_avg, ctr_avg, w_avg = criterion._normalisers(num_pos_t, ctr_tgt_sum, weight_sum, reduce_mean)
     return {
         "loss_token": token_sum / num_pos_avg,
         "loss_reg": reg_sum / ctr_avg,
-        "loss_centerness": ctr_loss_sum / num_pos_avg,
+        "loss_centerness": ctr_loss_sum / w_avg,
     }

@@ -72,6 +72,9 @@ class Targets:
     Optional ignore regions (pseudo labels, ``glip_pl.label``): an anchor whose centre lies inside
     ``ignore_boxes[b, k]`` takes no negative token loss on the tokens of ``ignore_map[b, k]`` (where the teacher was
     unsure, an object it missed must not train as background for its phrase). None when the batch has none.
+
+    Optional ``box_weight`` (B, M): how much box m counts in the box regression and centerness losses (1 as gold,
+    0 for a box that only trains the token loss, e.g. a pseudo box placed less exactly than a human's). None = all 1.
     """
 
     boxes: Tensor  # (B, M, 4) float
@@ -80,6 +83,7 @@ class Targets:
     ignore_boxes: Optional[Tensor] = None  # (B, K, 4) float, same pixels as boxes
     ignore_valid: Optional[Tensor] = None  # (B, K) bool
     ignore_map: Optional[Tensor] = None  # (B, K, T) float 0/1
+    box_weight: Optional[Tensor] = None  # (B, M) float >= 0: weight in loss_reg / loss_centerness
 
     def to(self, device=None, dtype=None):
         return _to(self, device, dtype)

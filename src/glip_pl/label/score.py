@@ -4,7 +4,7 @@ A pseudo box is a true positive when it overlaps a not-yet-matched true box at I
 ``phrase_aware`` — its phrase spans overlap that true box's spans in the caption (the teacher grounded the right
 phrase, not just some object). Pseudo boxes are matched greedily in descending score. Precision = TP / pseudo
 boxes; recall = TP / true boxes of all *input* captions that were labelled or skipped (a skipped caption's true
-boxes count as missed unless ``labelled_only``).
+boxes count as missed unless ``labelled_only``). The true positives' IoUs with their true boxes measure placement.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def _overlap(a: list, b: list) -> bool:
     return any(s1 < e2 and s2 < e1 for s1, e1 in a for s2, e2 in b)
 
 
-def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, phrase_aware: bool = True) -> int:
-    """Number of true positives in one image."""
+def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, phrase_aware: bool = True,
+                matched_ious: Optional[list] = None) -> int:
+    """Number of true positives in one image (their IoUs with their true boxes appended to ``matched_ious``)."""
     if len(boxes) == 0 or len(true_boxes) == 0:
         return 0
     ious = box_iou(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
@@ -38,6 +39,8 @@ def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, 
         if best_j >= 0:
             taken[best_j] = True
             tp += 1
+            if matched_ious is not None:
+                matched_ious.append(best)
     return tp
 
 
@@ -50,7 +53,7 @@ def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou:
     from ..data.reader import iter_samples
 
     tp = n_pred = n_true = 0
-    seen = set()
+    seen, ious = set(), []
     for s in iter_samples(out_dir, split=split, decode_images=False):
         if not s.hidden:
             raise ValueError(f"{out_dir}: sample {s.id} has no hidden true boxes to score against")
@@ -59,10 +62,13 @@ def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou:
         n_pred += len(boxes)
         n_true += len(s.hidden["boxes"])
         tp += match_image(boxes, list(s.scores or [1.0] * len(boxes)), [[tuple(x) for x in sp] for sp in s.spans],
-                          s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware)
+                          s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware, ious)
     if input_dir is not None and not labelled_only:
         for s in iter_samples(input_dir, split=split, decode_images=False):
             if s.id not in seen and s.hidden:
                 n_true += len(s.hidden["boxes"])
     return {"precision": tp / max(n_pred, 1), "recall": tp / max(n_true, 1), "tp": tp, "pseudo_boxes": n_pred,
-            "true_boxes": n_true, "images": len(seen), "iou": iou, "phrase_aware": phrase_aware}
+            "true_boxes": n_true, "images": len(seen), "iou": iou, "phrase_aware": phrase_aware,
+            # placement of the true positives: mean IoU with their true boxes, share at IoU >= 0.75
+            "matched_mean_iou": sum(ious) / len(ious) if ious else float("nan"),
+            "matched_iou75": sum(v >= 0.75 for v in ious) / len(ious) if ious else float("nan")}

@@ -229,16 +229,14 @@ def test_filter_flags_override_the_recipe():
     args = build_parser().parse_args(["pseudo-label", "--config", recipe, "--top-k", "1", "--nms-thresh", "0.6",
                                       "--min-boxes", "2", "--score-thresh", "0.4", "--devices", "2",
                                       "--cross-phrase-nms", "0.5", "--ignore-thresh", "0.1",
-                                      "--unboxed-phrase", "ignore", "--refine-flip-iou", "0.55"])
+                                      "--unboxed-phrase", "ignore"])
     cfg = load_config(args.config, flag_overrides(args))
     f = cfg.filters
     assert (f.top_k, f.nms_thresh, f.min_boxes, f.score_thresh, cfg.devices) == (1, 0.6, 2, 0.4, 2)
     assert f.cross_phrase_nms == 0.5 and f.ignore_thresh == 0.1 and f.unboxed_phrase == "ignore"
-    assert f.refine_flip_iou == 0.55
     plain = load_config(args.config, flag_overrides(build_parser().parse_args(["pseudo-label", "--config", recipe])))
     assert (plain.filters.top_k, plain.filters.nms_thresh, plain.filters.min_boxes) == (None, None, 1)  # the recipe's
     assert plain.filters.cross_phrase_nms is None and plain.filters.ignore_thresh is None
-    assert plain.filters.refine_flip_iou is None
 
 
 def test_cross_phrase_nms_gives_an_object_to_one_phrase():
@@ -398,99 +396,3 @@ def test_ignore_regions_are_the_unkept_candidates_above_ignore_thresh_and_reach_
 
         without = model.loss(out, replace(t, ignore_boxes=None, ignore_valid=None, ignore_map=None))["loss_token"]
     assert with_regions < without
-
-
-def test_refine_with_flip_averages_a_kept_box_with_its_phrase_s_mirrored_match():
-    """Hand values: the mirrored candidates are flipped back (x -> W - x), only the same phrase's candidate with the
-    highest IoU >= the threshold counts, and the average is weighted by the two scores."""
-    from types import SimpleNamespace
-
-    from glip_pl.label.job import LabelConfig, refine_with_flip
-
-    W = 200
-    det = SimpleNamespace(boxes=torch.tensor([[10., 10., 50., 50.], [100., 100., 140., 140.], [60., 0., 90., 30.]]),
-                          scores=torch.tensor([0.6, 0.5, 0.4]), labels=torch.tensor([0, 1, 2]))
-    # mirrored image: box 0's object sits at x in [150, 190]; candidates in flipped pixels
-    mirrored = SimpleNamespace(
-        boxes=torch.tensor([[148., 12., 188., 52.],    # phrase 0, flipped back [12, 12, 52, 52]: IoU 0.82
-                            [150., 10., 190., 50.],    # phrase 1 on box 0's object: other phrase, not used
-                            [152., 10., 192., 46.],    # phrase 0, flipped back [8, 10, 48, 46]: IoU 0.8 < 0.82
-                            [20., 100., 60., 140.],    # phrase 1, flipped back [140, 100, 180, 140]: IoU 0
-                            [110., 0., 140., 30.]]),   # phrase 2, flipped back [60, 0, 90, 30]: identical
-        scores=torch.tensor([0.2, 0.9, 0.8, 0.9, 0.4]), labels=torch.tensor([0, 1, 0, 1, 2]))
-    out = refine_with_flip(det, mirrored, [0, 1, 2], W, iou=0.5)
-    assert set(out) == {0, 2}  # box 1 has no mirrored match of its phrase
-    want = [(0.6 * a + 0.2 * b) / 0.8 for a, b in zip([10., 10., 50., 50.], [12., 12., 52., 52.])]
-    assert out[0] == pytest.approx(want)
-    assert out[2] == pytest.approx([60., 0., 90., 30.])
-    assert set(refine_with_flip(det, mirrored, [0, 1, 2], W, iou=0.9)) == {2}
-    assert refine_with_flip(det, mirrored, [], W, iou=0.5) == {}
-    with pytest.raises(ValueError, match="refine_flip_iou"):
-        LabelConfig.from_dict({"teacher": "t", "input": "i", "output": "o", "filters": {"refine_flip_iou": 0}})
-
-
-def test_refine_flip_labels_the_mirrored_image_and_changes_only_the_kept_boxes(teacher, synthetic_shards, tmp_path,
-                                                                              monkeypatch):
-    """The job's wiring: each batch is labelled twice, the second time on the mirrored images with the same prompts;
-    the written boxes are refine_with_flip's results on exactly those two detection sets (the others unchanged);
-    which captions and boxes are kept, and their scores, are those of a run without refinement."""
-    import glip_pl.label.job as job
-    from glip_pl.data import iter_samples
-    from glip_pl.model.glip import GLIP
-
-    calls, refines = [], []
-    predict, refine = GLIP.predict, job.refine_with_flip
-
-    def spy_predict(self, images, prompts, **kw):
-        out = predict(self, images, prompts, **kw)
-        calls.append(([im.clone() for im in images], [p.caption for p in prompts], out))
-        return out
-
-    def spy_refine(det, mirrored, keep, width, iou):
-        out = refine(det, mirrored, keep, width, iou)
-        refines.append((det, mirrored, list(keep), out))
-        return out
-
-    monkeypatch.setattr(GLIP, "predict", spy_predict)
-    monkeypatch.setattr(job, "refine_with_flip", spy_refine)
-    inp = f"{synthetic_shards}/caption"
-    filters = {"score_thresh": 0.01, "top_k": 2, "max_boxes": 10}
-    job.run_label(config(teacher, inp, tmp_path / "plain", filters=filters))
-    calls.clear()
-    entry = job.run_label(config(teacher, inp, tmp_path / "ref", filters={**filters, "refine_flip_iou": 0.3}))["entry"]
-    assert calls and len(calls) % 2 == 0  # each batch: the images, then the mirrored images
-    mirror_of, caption_of = {}, {}
-    for (im_a, cap_a, out_a), (im_b, cap_b, out_b) in zip(calls[::2], calls[1::2]):
-        assert cap_a == cap_b and all(torch.equal(b, a.flip(-1)) for a, b in zip(im_a, im_b))
-        mirror_of.update({id(d): m for d, m in zip(out_a, out_b)})
-        caption_of.update({id(d): c for d, c in zip(out_a, cap_a)})
-    assert refines and all(mirror_of[id(d)] is m for d, m, _, _ in refines)
-    read = lambda d: {s.id: s for s in iter_samples(str(tmp_path / d), split="val", decode_images=False)}  # noqa
-    plain, ref = read("plain"), read("ref")
-    assert set(plain) == set(ref)
-    # a refinement call -> its sample: the caption and the unrefined kept boxes as the plain run wrote them
-    def unrefined(d, keep, W, H):
-        boxes = [job._clip_box([round(float(v), 2) for v in d.boxes[k].tolist()], W, H) for k in keep]
-        return str(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4).tolist())  # as read back
-
-    W = H = 256
-    by_key = {(caption_of[id(d)], unrefined(d, keep, W, H)): (keep, out) for d, _, keep, out in refines}
-    n_refined = 0
-    for i, s in ref.items():
-        p = plain[i]
-        assert s.scores == p.scores and s.extra["box_phrases"] == p.extra["box_phrases"] and len(s) == len(p)
-        assert (s.width, s.height) == (W, H)
-        keep, out = by_key[(s.caption, str(p.boxes.tolist()))]
-        assert len(keep) == len(s)  # no box fell outside the image
-        for j, k in enumerate(keep):
-            if k in out:
-                x1, y1, x2, y2 = out[k]
-                want = [min(max(x1, 0), s.width), min(max(y1, 0), s.height), min(max(x2, 0), s.width),
-                        min(max(y2, 0), s.height)]
-                assert s.boxes[j].tolist() == pytest.approx(want, abs=0.006), (i, j)
-                n_refined += 1
-            else:
-                assert s.boxes[j].tolist() == p.boxes[j].tolist(), (i, j)
-    assert n_refined > 0 and entry["quality"]["refined_boxes"] == n_refined
-    assert any(s.boxes.tolist() != plain[i].boxes.tolist() for i, s in ref.items())
-    assert next(iter(ref.values())).provenance["refine_flip_iou"] == 0.3

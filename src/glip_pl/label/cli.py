@@ -67,9 +67,6 @@ def register(subparsers) -> None:
     p.add_argument("--ignore-thresh", type=float, dest="filters.ignore_thresh", metavar="SCORE",
                    help="unkept teacher boxes scoring above SCORE become ignore regions for their phrase (no "
                         "negative loss there); off by default, as official")
-    p.add_argument("--refine-flip-iou", type=float, dest="filters.refine_flip_iou", metavar="IOU",
-                   help="also label the mirrored image and average each kept box with its phrase's mirrored match "
-                        "at IoU >= IOU (box refinement; off by default, as official)")
     p.add_argument("--spacy-model", dest="phrases.model")
     p.add_argument("--overwrite", action="store_true", default=None)
     p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
@@ -78,8 +75,8 @@ def register(subparsers) -> None:
 
 _FLAG_KEYS = ("teacher", "input", "split", "output", "devices", "num_nodes", "batch_size", "num_workers",
               "filters.score_thresh", "filters.top_k", "filters.nms_thresh", "filters.cross_phrase_nms",
-              "filters.min_boxes", "filters.unboxed_phrase", "filters.ignore_thresh", "filters.refine_flip_iou",
-              "phrases.model", "overwrite", "wandb")
+              "filters.min_boxes", "filters.unboxed_phrase", "filters.ignore_thresh", "phrases.model", "overwrite",
+              "wandb")
 
 
 def flag_overrides(args: argparse.Namespace) -> dict:

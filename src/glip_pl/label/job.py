@@ -79,10 +79,6 @@ class FilterConfig:
     # ... unless it overlaps a kept box (any phrase) at IoU >= this: that object is labelled, the candidate is a
     # duplicate or a confusion of phrases, and stays a negative for its phrase. None: every unkept candidate
     ignore_overlap: Optional[float] = 0.5
-    # box refinement by a mirrored second look: the teacher also labels the horizontally flipped image, and each
-    # kept box is averaged (score-weighted) with the same phrase's mirrored candidate that overlaps it most, when
-    # that overlap is IoU >= this. Which boxes are kept, and their scores, do not change. None: off (official)
-    refine_flip_iou: Optional[float] = None
 
 
 @dataclass
@@ -141,10 +137,9 @@ class LabelConfig:
         o = self.filters.ignore_overlap
         if o is not None and not 0.0 < float(o) <= 1.0:
             raise ValueError(f"filters.ignore_overlap must be an IoU in (0, 1] or null, got {o!r}")
-        for name in ("cross_phrase_nms", "refine_flip_iou"):
-            x = getattr(self.filters, name)
-            if x is not None and not 0.0 < float(x) <= 1.0:
-                raise ValueError(f"filters.{name} must be an IoU in (0, 1] or null, got {x!r}")
+        x = self.filters.cross_phrase_nms
+        if x is not None and not 0.0 < float(x) <= 1.0:
+            raise ValueError(f"filters.cross_phrase_nms must be an IoU in (0, 1] or null, got {x!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -329,7 +324,7 @@ class ShardAccumulator:
     def __init__(self):
         self.samples: list = []  # (key, json bytes, image bytes, ext)
         self.stats = {"input": 0, "labelled": 0, "skipped": {}, "skipped_ids": {}, "phrases": 0, "boxes": 0,
-                      "candidates": 0, "ignore_regions": 0, "refined_boxes": 0, "truncated": 0, "score_hist": [0] * HIST_BINS,
+                      "candidates": 0, "ignore_regions": 0, "truncated": 0, "score_hist": [0] * HIST_BINS,
                       "kept_hist": [0] * HIST_BINS, "phrases_per_caption_hist": {}, "boxes_per_image_hist": {}}
 
     def skip(self, sid: str, reason: str) -> None:
@@ -387,32 +382,6 @@ def ignore_candidates(det, keep: list, f: FilterConfig) -> list:
     return sorted(out, key=lambda k: (-float(scores[k]), k))
 
 
-def refine_with_flip(det, mirrored, keep: list, width: int, iou: float) -> dict:
-    """{kept index: refined box} for the kept boxes of ``det`` that the teacher found again on the mirrored image.
-
-    ``mirrored`` holds the teacher's detections on the horizontally flipped image (same prompt, boxes in the flipped
-    image's pixels, ``width`` wide). Each kept box k is averaged with the mirrored candidate of its phrase that
-    overlaps it most (boxes flipped back first), weighted by the two scores, when that IoU is >= ``iou``.
-    """
-    from torchvision.ops import box_iou
-
-    if not keep or mirrored.scores.numel() == 0:
-        return {}
-    mb = mirrored.boxes.float().cpu().clone()
-    mb[:, [0, 2]] = width - mb[:, [2, 0]]  # back into the original image
-    ml, ms = mirrored.labels.cpu(), mirrored.scores.float().cpu()
-    boxes, labels, scores = det.boxes.float().cpu(), det.labels.cpu(), det.scores.float().cpu()
-    ious = box_iou(boxes[torch.tensor(keep)], mb)  # (kept, mirrored)
-    out = {}
-    for row, k in enumerate(keep):
-        same = (ml == labels[k]) & (ious[row] >= iou)
-        if not bool(same.any()):
-            continue
-        j = int(torch.where(same, ious[row], torch.full_like(ious[row], -1.0)).argmax())
-        out[k] = ((scores[k] * boxes[k] + ms[j] * mb[j]) / (scores[k] + ms[j])).tolist()
-    return out
-
-
 def _clip_box(b: list, W: int, H: int) -> Optional[list]:
     """``b`` clipped to the W x H image (in place), or None when nothing is left of it."""
     b[0], b[2] = min(max(b[0], 0.0), W), min(max(b[2], 0.0), W)
@@ -430,14 +399,12 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
             self.teacher = teacher
             self.acc: dict = {}
 
-        def forward(self, images, prompts, orig_sizes, flip: bool = False):
+        def forward(self, images, prompts, orig_sizes):
             f = cfg.filters
             lowest = min(f.candidate_thresh, f.score_thresh, f.ignore_thresh if f.ignore_thresh is not None else 1.0)
             post = {"score_thresh": lowest, "detections_per_img": max(f.max_boxes, 1)}
             if f.nms_thresh is not None:
                 post["nms_thresh"] = f.nms_thresh
-            if flip:
-                images = [im.flip(-1) for im in images]
             return self.teacher.predict(images, prompts, orig_sizes=orig_sizes, **post)
 
         def predict_step(self, batch, batch_idx, dataloader_idx=0):
@@ -454,9 +421,6 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                            for it in run]
                 out = self([it["image"] for it in run], prompts, [it["orig"] for it in run])
                 dets = {id(it): d for it, d in zip(run, out)}
-                if cfg.filters.refine_flip_iou is not None:
-                    out = self([it["image"] for it in run], prompts, [it["orig"] for it in run], flip=True)
-                    mirrored = {id(it): d for it, d in zip(run, out)}
             for it in items:
                 rec = it["rec"]
                 st["input"] += 1
@@ -464,7 +428,7 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                 if P == 0 and cfg.filters.no_phrase == "skip":
                     acc.skip(str(rec["id"]), "no_phrase")
                     continue
-                boxes, spans, scores, labels, raw, was_refined = [], [], [], [], [], []
+                boxes, spans, scores, labels, raw = [], [], [], [], []
                 ignore_boxes, ignore_spans = [], []
                 W, H = rec["width"], rec["height"]
                 phrase_spans = [[list(map(int, s)) for s in sp] for sp in it["spans"]]  # per phrase, json-ready
@@ -477,12 +441,9 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                     st["candidates"] += len(all_scores)
                     st["score_hist"] = [a + b for a, b in zip(st["score_hist"], _hist(all_scores))]
                     kept = filter_detections(d, P, cfg.filters)
-                    refined = {} if cfg.filters.refine_flip_iou is None else refine_with_flip(
-                        d, mirrored[id(it)], kept, W, cfg.filters.refine_flip_iou)
                     for k in kept:
                         lab = int(d.labels[k])
-                        boxes.append([round(v, 2) for v in refined[k]] if k in refined else box_of(k))
-                        was_refined.append(k in refined)
+                        boxes.append(box_of(k))
                         spans.append(phrase_spans[lab])
                         scores.append(round(float(d.scores[k]), 4))
                         raw.append(float(d.scores[k]))
@@ -491,7 +452,7 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                     good = [j for j, b in enumerate(boxes) if _clip_box(b, W, H) is not None]
                     boxes, spans = [boxes[j] for j in good], [spans[j] for j in good]
                     scores, labels = [scores[j] for j in good], [labels[j] for j in good]
-                    raw, was_refined = [raw[j] for j in good], [was_refined[j] for j in good]
+                    raw = [raw[j] for j in good]
                     if len(boxes) < cfg.filters.min_boxes:
                         acc.skip(str(rec["id"]), "too_few_boxes")
                         continue
@@ -530,7 +491,6 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
                 st["phrases"] += P
                 st["boxes"] += len(boxes)
                 st["ignore_regions"] += len(ignore_boxes)
-                st["refined_boxes"] += sum(was_refined)
                 st["truncated"] += int(bool(it["truncated"]))
                 for key, v in (("phrases_per_caption_hist", P), ("boxes_per_image_hist", len(boxes))):
                     st[key][str(v)] = st[key].get(str(v), 0) + 1
@@ -592,8 +552,6 @@ def plan_hash(cfg: LabelConfig, shards: list, teacher_sha: str) -> str:
         del filters["unboxed_phrase"]
     if filters["ignore_thresh"] is None:  # likewise (ignore_overlap means nothing without it)
         del filters["ignore_thresh"], filters["ignore_overlap"]
-    if filters["refine_flip_iou"] is None:  # likewise
-        del filters["refine_flip_iou"]
     plan = {"shards": [os.path.basename(s) for s in shards], "teacher": teacher_sha, "phrases": ph,
             "filters": filters, "min_size": cfg.min_size, "max_size": cfg.max_size,
             "source": cfg.source, "split": cfg.output_split or cfg.split}
@@ -682,7 +640,6 @@ def summarize(out_dir: str, out_split: str, n_shards: int) -> Optional[dict]:
             "boxes_per_image": tot("boxes") / max(labelled, 1),
             "boxes": tot("boxes"), "candidates": tot("candidates"),
             "ignore_regions": sum(s.get("ignore_regions", 0) for s in stats),  # 0 in stats of earlier versions
-            "refined_boxes": sum(s.get("refined_boxes", 0) for s in stats),  # likewise
             "kept_fraction": labelled / max(n_input, 1),
             "kept_box_fraction": tot("boxes") / max(tot("candidates"), 1),
             "truncated_captions": tot("truncated"),
@@ -700,8 +657,7 @@ def format_summary(entry: dict) -> str:
              f"({q['kept_fraction']:.1%}), skipped {entry['skipped_total']} {entry['skipped']}",
              f"  phrases/caption {q['phrases_per_caption']:.2f}   boxes/image {q['boxes_per_image']:.2f}   "
              f"boxes kept {q['boxes']} of {q['candidates']} candidates ({q['kept_box_fraction']:.1%})   "
-             f"truncated captions {q['truncated_captions']}   ignore regions {q.get('ignore_regions', 0)}   "
-             f"refined boxes {q.get('refined_boxes', 0)}",
+             f"truncated captions {q['truncated_captions']}   ignore regions {q.get('ignore_regions', 0)}",
              "  score histogram (candidates | kept):"]
     bins = q["score_hist_bins"]
     for b in range(HIST_BINS):
@@ -757,7 +713,6 @@ def provenance_of(cfg: LabelConfig, teacher_path: str, teacher_sha: str, teacher
             "top_k": cfg.filters.top_k, "min_boxes": cfg.filters.min_boxes, "max_boxes": cfg.filters.max_boxes,
             "unboxed_phrase": cfg.filters.unboxed_phrase, "cross_phrase_nms": cfg.filters.cross_phrase_nms,
             "ignore_thresh": cfg.filters.ignore_thresh, "ignore_overlap": cfg.filters.ignore_overlap,
-            "refine_flip_iou": cfg.filters.refine_flip_iou,
             "min_size": cfg.min_size, "max_size": cfg.max_size,
             "spacy_model": cfg.phrases.model, "spacy_model_meta": spacy_info, "phrase_options": cfg.phrases.to_dict(),
             "glip_pl": glip_pl.__version__}

@@ -13,11 +13,13 @@ student's val box AP is scored on all 32 val images of look E (``glip-pl validat
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
 
 ``--box-loss-weight 1 0`` trains a student per labelling with the pseudo boxes in the box losses (1, as gold) and
-one with them in the token loss only (0). ``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect teacher
-would give); ``--thinned-recall R`` two more (a random fraction R of the true boxes, without / with the dropped
-ones as ignore regions); ``--found-true`` one per labelling (the true boxes of the objects it found). Prints one
-table row per labelling (precision / recall of its boxes, ignore regions, AP per seed and mean) after the
-gold-only row, and writes json to ``benchmarks/results/label_students.json``.
+one with them in the token loss only (0); ``--label-size`` sets the side the teacher labels at (160 px by default,
+as the students; it trained at 192). ``--true-labels`` adds a control: gold + the true grounding labels of the same
+web scenes (what a perfect teacher would give); ``--thinned-recall R`` two more (a random fraction R of the true
+boxes, without / with the dropped ones as ignore regions); ``--found-true`` one per labelling (the true boxes of
+the objects it found). Prints one table row per labelling (precision / recall of its boxes, their true positives'
+mean IoU, ignore regions, AP per seed and mean) after the gold-only row, and writes json to
+``benchmarks/results/label_students.json``.
 """
 
 from __future__ import annotations
@@ -59,17 +61,17 @@ def setup(root: Path) -> Path:
     return ckpt
 
 
-def label(root: Path, teacher: Path, filters: dict) -> tuple:
-    """(pseudo folder, index entry, precision/recall) of one labelling of the web captions."""
+def label(root: Path, teacher: Path, filters: dict, size: int = 160) -> tuple:
+    """(pseudo folder, index entry, precision/recall) of one labelling of the web captions at ``size`` px."""
     from glip_pl.label.job import LabelConfig, run_label
     from glip_pl.label.score import score_pseudo
 
     name = hashlib.sha256(json.dumps(filters, sort_keys=True).encode()).hexdigest()[:10]
-    out = root / "pseudo" / name
+    out = root / "pseudo" / (name if size == 160 else f"{name}_px{size}")
     if not (out / "index.json").exists():
         run_label(LabelConfig.from_dict({
             "teacher": str(teacher), "input": str(root / "E" / "caption"), "split": "train", "output": str(out),
-            "phrases": {"model": SPACY}, "min_size": 160, "max_size": 160, "batch_size": 8, "num_workers": 0,
+            "phrases": {"model": SPACY}, "min_size": size, "max_size": size, "batch_size": 8, "num_workers": 0,
             "accelerator": "cpu", "devices": 1, "overwrite": True, "filters": {"min_boxes": 1, **filters}}))
     entry = json.loads((out / "index.json").read_text())["splits"]["train"]
     return out, entry, score_pseudo(str(out), "train", input_dir=str(root / "E" / "caption"))
@@ -196,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--box-loss-weight", type=float, nargs="+", default=[1.0], metavar="W",
                    help="one row per labelling and W: the pseudo source's box_loss_weight (0: its boxes train the "
                         "token loss only; default 1, as gold)")
+    p.add_argument("--label-size", type=int, default=160, metavar="PX",
+                   help="image side the teacher labels at (default 160, the students' size; the teacher trained "
+                        "at 192)")
     p.add_argument("--no-gold", action="store_true", help="skip the gold-only row (e.g. when another run has it)")
     p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
     args = p.parse_args(argv)
@@ -218,10 +223,12 @@ def main(argv=None) -> int:
                          "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
     default = [] if args.true_labels or args.thinned_recall is not None else [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]
     for filters in args.filters or default:
-        out, entry, sc = label(root, teacher, filters)
+        out, entry, sc = label(root, teacher, filters, args.label_size)
         for w in args.box_loss_weight:
-            rows.append({"labelling": filters if w == 1.0 else f"{json.dumps(filters)}, box_loss_weight {w:g}",
-                         "precision": sc["precision"], "recall": sc["recall"], "labelled": entry["labelled"],
+            name = json.dumps(filters) + ("" if args.label_size == 160 else f" at {args.label_size} px") + \
+                ("" if w == 1.0 else f", box_loss_weight {w:g}")
+            rows.append({"labelling": name, "precision": sc["precision"], "recall": sc["recall"],
+                         "matched_mean_iou": sc["matched_mean_iou"], "labelled": entry["labelled"],
                          "ignore_regions": entry["quality"].get("ignore_regions", 0),
                          "aps": [student(root, teacher, out, s, args.steps, w) for s in args.seeds]})
         if args.found_true:
@@ -230,15 +237,16 @@ def main(argv=None) -> int:
                          "precision": 1.0, "recall": float("nan"),
                          "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
     print(f"teacher AP on look E {rows[0]['teacher_ap']:.3f}; seeds {args.seeds}, {args.steps} steps")
-    print("| labelling | precision / recall | ignore regions | AP per seed | mean |")
-    print("|---|---|---|---|---|")
+    print("| labelling | precision / recall | TP mean IoU | ignore regions | AP per seed | mean |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         pr = f"{r['precision']:.2f} / {r['recall']:.2f}" if "precision" in r else "—"
         if not r["aps"]:
             continue
         aps = " / ".join(f"{a:.3f}" for a in r["aps"])
         name = r["labelling"] if isinstance(r["labelling"], str) else json.dumps(r["labelling"])
-        print(f"| {name} | {pr} | {r.get('ignore_regions', '—')} | {aps} | {statistics.mean(r['aps']):.3f} |")
+        iou = f"{r['matched_mean_iou']:.2f}" if "matched_mean_iou" in r else "—"
+        print(f"| {name} | {pr} | {iou} | {r.get('ignore_regions', '—')} | {aps} | {statistics.mean(r['aps']):.3f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"seeds": args.seeds, "steps": args.steps, "rows": rows}, f, indent=1, default=str)

@@ -221,7 +221,8 @@ def main(argv=None) -> int:
                                       f"{' + dropped boxes as ignore regions' if ignore else ''} (control)",
                          "precision": 1.0, "recall": args.thinned_recall,
                          "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
-    default = [] if args.true_labels or args.thinned_recall is not None else [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]
+    controls = args.true_labels or args.thinned_recall is not None
+    default = [] if controls else [{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}]
     for filters in args.filters or default:
         out, entry, sc = label(root, teacher, filters, args.label_size)
         for w in args.box_loss_weight:

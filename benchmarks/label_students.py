@@ -17,8 +17,9 @@ one with them in the token loss only (0); ``--label-size`` sets the side the tea
 as the students; it trained at 192). ``--true-labels`` adds a control: gold + the true grounding labels of the same
 web scenes (what a perfect teacher would give); ``--thinned-recall R`` two more (a random fraction R of the true
 boxes, without / with the dropped ones as ignore regions); ``--found-true`` one per labelling (the true boxes of
-the objects it found). Prints one table row per labelling (precision / recall of its boxes, their true positives'
-mean IoU, ignore regions, AP per seed and mean) after the gold-only row, and writes json to
+the objects it found); ``--tp-only`` one per labelling (its own boxes that match a true box, where it placed
+them). Prints one table row per labelling (precision / recall of its boxes, their true positives' mean IoU,
+ignore regions, AP per seed and mean) after the gold-only row, and writes json to
 ``benchmarks/results/label_students.json``.
 """
 
@@ -105,9 +106,24 @@ def thinned_true_labels(root: Path, recall: float, ignore: bool, seed: int = 0) 
                                 lambda rec: [rng.random() < recall for _ in rec["boxes"]], ignore)
 
 
-def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool) -> Path:
-    """Copy the web scenes' grounding shards to ``root/name`` keeping the boxes ``choose(record)`` marks (the others
-    become ignore regions when ``ignore``); scenes left without a box are left out."""
+def tp_only_labels(root: Path, pseudo: Path) -> Path:
+    """A labelling with its wrong boxes removed: only the pseudo boxes that match a true box (IoU >= 0.5 and the
+    right phrase, as ``score_pseudo`` counts them), where the teacher put them."""
+    from glip_pl.label.score import match_image
+
+    def choose(rec):
+        matches = []
+        match_image(rec["boxes"], rec["scores"], rec["spans"], rec["hidden"]["boxes"], rec["hidden"]["spans"],
+                    matches=matches)
+        tp = {k for k, _, _ in matches}
+        return [k in tp for k in range(len(rec["boxes"]))]
+
+    return _rewrite_true_labels(root, f"tp_only_{pseudo.name}", choose, ignore=False, src=pseudo)
+
+
+def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path = None) -> Path:
+    """Copy the web scenes' grounding shards (or ``src``'s) to ``root/name`` keeping the boxes ``choose(record)``
+    marks (the others become ignore regions when ``ignore``); scenes left without a box are left out."""
     import tarfile
 
     from glip_pl.data.reader import expand_urls, iter_raw
@@ -119,7 +135,7 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     shards = []
-    for url in expand_urls(str(root / "E" / "grounding"), "train"):
+    for url in expand_urls(str(src or root / "E" / "grounding"), "train"):
         name, count = os.path.basename(url), 0
         with tarfile.open(tmp / name, "w", format=tarfile.USTAR_FORMAT) as tar:
             for raw in iter_raw(url):
@@ -131,6 +147,9 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool) -> Path:
                 dropped = [(b, sp) for b, sp, k in zip(rec["boxes"], rec["spans"], keep) if not k]
                 rec["boxes"] = [b for b, k in zip(rec["boxes"], keep) if k]
                 rec["spans"] = [sp for sp, k in zip(rec["spans"], keep) if k]
+                if rec.get("scores") is not None:  # a labelling's own records: its per-box fields too
+                    rec["scores"] = [sc for sc, k in zip(rec["scores"], keep) if k]
+                    rec["extra"]["box_phrases"] = [p for p, k in zip(rec["extra"]["box_phrases"], keep) if k]
                 if ignore and dropped:
                     rec["ignore_boxes"], rec["ignore_spans"] = [b for b, _ in dropped], [sp for _, sp in dropped]
                 _add_member(tar, f"{raw['__key__']}.json", json.dumps(rec).encode())
@@ -195,6 +214,8 @@ def main(argv=None) -> int:
                         "with the dropped boxes as ignore regions")
     p.add_argument("--found-true", action="store_true",
                    help="also a control row per labelling: the true labels of the objects it found")
+    p.add_argument("--tp-only", action="store_true",
+                   help="also a control row per labelling: its pseudo boxes that match a true box, as placed")
     p.add_argument("--box-loss-weight", type=float, nargs="+", default=[1.0], metavar="W",
                    help="one row per labelling and W: the pseudo source's box_loss_weight (0: its boxes train the "
                         "token loss only; default 1, as gold)")
@@ -232,6 +253,10 @@ def main(argv=None) -> int:
                          "matched_mean_iou": sc["matched_mean_iou"], "labelled": entry["labelled"],
                          "ignore_regions": entry["quality"].get("ignore_regions", 0),
                          "aps": [student(root, teacher, out, s, args.steps, w) for s in args.seeds]})
+        if args.tp_only:
+            d = tp_only_labels(root, out)
+            rows.append({"labelling": f"the true-positive boxes of {name} (control)", "precision": 1.0,
+                         "recall": sc["recall"], "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
         if args.found_true:
             d = found_true_labels(root, out)
             rows.append({"labelling": f"true labels of the objects {json.dumps(filters)} found (control)",

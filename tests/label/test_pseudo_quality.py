@@ -60,13 +60,13 @@ RECALL_MIN = 0.5
 
 def test_match_image_hand_values_and_matched_ious():
     """Greedy by score, phrase-aware: the wrong phrase does not match, a taken true box is not matched twice; the
-    true positives' IoUs are collected."""
+    true positives are listed with their true box and IoU."""
     from glip_pl.label.score import match_image
 
     true_boxes, true_spans = [[0, 0, 10, 10], [20, 20, 30, 30]], [[(0, 3)], [(5, 8)]]
     boxes = [[0, 0, 10, 8], [0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]
     spans = [[(0, 3)], [(0, 3)], [(9, 12)], [(5, 8)]]
-    ious = []
-    tp = match_image(boxes, [0.9, 0.8, 0.7, 0.6], spans, true_boxes, true_spans, iou=0.5, matched_ious=ious)
-    assert tp == 1 and ious == [0.8]  # box 1 finds truth 0 taken; box 2 names the wrong phrase; box 3 misses
+    matches = []
+    tp = match_image(boxes, [0.9, 0.8, 0.7, 0.6], spans, true_boxes, true_spans, iou=0.5, matches=matches)
+    assert tp == 1 and matches == [(0, 0, 0.8)]  # box 1 finds truth 0 taken; box 2 the wrong phrase; box 3 misses
     assert match_image(boxes, [0.9, 0.8, 0.7, 0.6], spans, true_boxes, true_spans, phrase_aware=False) == 2

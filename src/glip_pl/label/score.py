@@ -20,8 +20,8 @@ def _overlap(a: list, b: list) -> bool:
 
 
 def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, phrase_aware: bool = True,
-                matched_ious: Optional[list] = None) -> int:
-    """Number of true positives in one image (their IoUs with their true boxes appended to ``matched_ious``)."""
+                matches: Optional[list] = None) -> int:
+    """Number of true positives in one image; each is appended to ``matches`` as (pseudo index, true index, IoU)."""
     if len(boxes) == 0 or len(true_boxes) == 0:
         return 0
     ious = box_iou(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4),
@@ -39,8 +39,8 @@ def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, 
         if best_j >= 0:
             taken[best_j] = True
             tp += 1
-            if matched_ious is not None:
-                matched_ious.append(best)
+            if matches is not None:
+                matches.append((k, best_j, best))
     return tp
 
 
@@ -53,7 +53,7 @@ def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou:
     from ..data.reader import iter_samples
 
     tp = n_pred = n_true = 0
-    seen, ious = set(), []
+    seen, matches = set(), []
     for s in iter_samples(out_dir, split=split, decode_images=False):
         if not s.hidden:
             raise ValueError(f"{out_dir}: sample {s.id} has no hidden true boxes to score against")
@@ -62,11 +62,12 @@ def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou:
         n_pred += len(boxes)
         n_true += len(s.hidden["boxes"])
         tp += match_image(boxes, list(s.scores or [1.0] * len(boxes)), [[tuple(x) for x in sp] for sp in s.spans],
-                          s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware, ious)
+                          s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware, matches)
     if input_dir is not None and not labelled_only:
         for s in iter_samples(input_dir, split=split, decode_images=False):
             if s.id not in seen and s.hidden:
                 n_true += len(s.hidden["boxes"])
+    ious = [m[2] for m in matches]
     return {"precision": tp / max(n_pred, 1), "recall": tp / max(n_true, 1), "tp": tp, "pseudo_boxes": n_pred,
             "true_boxes": n_true, "images": len(seen), "iou": iou, "phrase_aware": phrase_aware,
             # placement of the true positives: mean IoU with their true boxes, share at IoU >= 0.75

@@ -122,10 +122,10 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         if m:
             boxes[b, :m], valid[b, :m] = s.boxes, True
             pmap[b, :m] = pm[s.box_phrases]
-    ignore = _collate_ignore(samples, T)
+    optional = _collate_ignore(samples, T)  # the optional Targets fields: ignore regions, box weights
     if any(s.box_weight is not None and s.box_weight != 1.0 for s in samples):  # else all 1: left out
-        ignore["box_weight"] = torch.tensor([1.0 if s.box_weight is None else float(s.box_weight)
-                                             for s in samples])[:, None].expand(B, M).contiguous()
+        optional["box_weight"] = torch.tensor([1.0 if s.box_weight is None else float(s.box_weight)
+                                               for s in samples])[:, None].expand(B, M).contiguous()
     meta = []
     for s in samples:
         d = {k: getattr(s, k) for k in META_FIELDS if getattr(s, k) is not None}
@@ -138,7 +138,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         image_sizes=sizes,
         orig_sizes=torch.tensor([[s.height, s.width] for s in samples], dtype=torch.long),
         text=TextInputs(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)),
-        targets=Targets(boxes=boxes, valid=valid, positive_map=pmap, **ignore),  # [+ box_weight]
+        targets=Targets(boxes=boxes, valid=valid, positive_map=pmap, **optional),
         captions=[s.caption for s in samples],
         phrase_maps=phrase_maps,
         phrase_names=[list(s.phrase_names or []) for s in samples],

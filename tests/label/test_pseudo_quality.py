@@ -4,6 +4,7 @@ at IoU 0.5 (phrase-aware). The teacher is the suite's shared CLI-trained tiny mo
 transfer tests' starting point); the thresholds asserted are what that budget honestly reaches (figures below); the
 demo's 400-step teacher reaches 0.82 / 0.81, measured outside the suite (src/glip_pl/label/README.md)."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -70,3 +71,15 @@ def test_match_image_hand_values_and_matched_ious():
     tp = match_image(boxes, [0.9, 0.8, 0.7, 0.6], spans, true_boxes, true_spans, iou=0.5, matches=matches)
     assert tp == 1 and matches == [(0, 0, 0.8)]  # box 1 finds truth 0 taken; box 2 the wrong phrase; box 3 misses
     assert match_image(boxes, [0.9, 0.8, 0.7, 0.6], spans, true_boxes, true_spans, phrase_aware=False) == 2
+
+
+def test_placement_separates_size_bias_from_offset():
+    """Hand values: a box 20 % larger on each side about the same centre, and one of the true size shifted by a
+    quarter of its side."""
+    from glip_pl.label.score import placement
+
+    p = placement([([-1, -1, 11, 11], [0, 0, 10, 10], 0.69), ([2.5, 0, 12.5, 10], [0, 0, 10, 10], 0.6)])
+    assert p["matched_mean_iou"] == pytest.approx(0.645) and p["matched_iou75"] == 0
+    assert p["matched_size_ratio"] == pytest.approx(1.2 ** 0.5)  # geometric mean of 1.2 and 1
+    assert p["matched_centre_offset"] == pytest.approx(0.125)  # mean of 0 and 0.25
+    assert math.isnan(placement([])["matched_size_ratio"])

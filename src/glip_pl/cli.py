@@ -19,6 +19,7 @@ COMMANDS = {
     "predict": "glip_pl.eval.cli_predict",
     "import-official": "glip_pl.official_cli",
     "pseudo-label": "glip_pl.label.cli",
+    "pseudo-score": "glip_pl.label.score",
     "consolidate": "glip_pl.lit.consolidate",
 }
 

@@ -4,6 +4,7 @@ at IoU 0.5 (phrase-aware). The teacher is the suite's shared CLI-trained tiny mo
 transfer tests' starting point); the thresholds asserted are what that budget honestly reaches (figures below); the
 demo's 400-step teacher reaches 0.82 / 0.81, measured outside the suite (src/glip_pl/label/README.md)."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -83,3 +84,59 @@ def test_placement_separates_size_bias_from_offset():
     assert p["matched_size_ratio"] == pytest.approx(1.2 ** 0.5)  # geometric mean of 1.2 and 1
     assert p["matched_centre_offset"] == pytest.approx(0.125)  # mean of 0 and 0.25
     assert math.isnan(placement([])["matched_size_ratio"])
+
+
+def _grounding(out, split, recs, scores=None):
+    """Grounding shards from hand records (id, caption, boxes, spans), optionally with per-box scores."""
+    import io
+
+    from PIL import Image
+
+    from glip_pl.data.writer import write_samples
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(buf, format="JPEG")
+    samples = []
+    for i, (rid, caption, boxes, spans) in enumerate(recs):
+        rec = {"id": rid, "source": "t", "kind": "grounding", "width": 64, "height": 64, "caption": caption, "boxes": boxes,
+               "spans": spans}
+        if scores is not None:
+            rec["scores"] = scores[i]
+        samples.append({"json": rec, "image": buf.getvalue()})
+    write_samples(str(out), split, samples, source="t", kind="grounding", num_workers=0, progress=False)
+    return out
+
+
+def test_pseudo_score_against_a_labelled_sample_of_the_captions(tmp_path):
+    """``glip-pl pseudo-score --truth``: pseudo records are matched to truth records by id; one without truth is
+    not scored, a truth record the job did not label counts as missed, and a caption that differs is an error naming
+    the record and field."""
+    from glip_pl.cli import main
+
+    cap = "a red circle and a blue square"
+    pseudo = _grounding(tmp_path / "pseudo", "train", [
+        ("a", cap, [[9, 9, 31, 31], [40, 40, 60, 60]], [[[2, 12]], [[19, 30]]]),  # 1.1x the truth; right
+        ("b", cap, [[0, 0, 20, 20]], [[[2, 12]]]),  # no truth record for b
+    ], scores=[[0.9, 0.8], [0.7]])
+    truth = _grounding(tmp_path / "truth", "train", [
+        ("a", cap, [[10, 10, 30, 30], [0, 0, 8, 8]], [[[2, 12]], [[19, 30]]]),
+        ("c", cap, [[1, 1, 9, 9]], [[[2, 12]]]),  # not labelled by the job: its box is missed
+    ])
+    out = tmp_path / "score.json"
+    assert main(["pseudo-score", "--pseudo", str(pseudo), "--truth", str(truth), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["images"], r["unscored_images"], r["tp"], r["pseudo_boxes"], r["true_boxes"]) == (1, 1, 1, 2, 3)
+    assert r["precision"] == 0.5 and r["recall"] == pytest.approx(1 / 3)
+    assert r["matched_size_ratio"] == pytest.approx(1.1) and r["matched_centre_offset"] == pytest.approx(0)
+    assert r["matched_mean_iou"] == pytest.approx(400 / 484)
+    assert main(["pseudo-score", "--pseudo", str(pseudo), "--truth", str(truth), "--labelled-only",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["true_boxes"] == 2 and r["recall"] == 0.5
+
+    other = _grounding(tmp_path / "other", "train", [("a", "a red circle and a green square", [[0, 0, 8, 8]],
+                                                      [[[2, 12]]])])
+    with pytest.raises(SystemExit, match=r"sample .*'caption' .* differs from the truth's"):
+        main(["pseudo-score", "--pseudo", str(pseudo), "--truth", str(other)])
+    with pytest.raises(SystemExit, match="'hidden' is missing"):
+        main(["pseudo-score", "--pseudo", str(pseudo)])

@@ -64,31 +64,107 @@ def placement(pairs: list) -> dict:
             "matched_size_ratio": math.exp(log_ratio / n), "matched_centre_offset": offset / n}
 
 
-def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou: float = 0.5,
-                 phrase_aware: bool = True, labelled_only: bool = False) -> dict:
-    """Precision / recall of the pseudo boxes in ``out_dir`` against ``hidden`` true boxes.
+def _truth_records(truth_dir: str, split: str) -> dict:
+    """id -> (caption, boxes, spans, where) of the grounding records in ``truth_dir`` (a labelled sample)."""
+    from ..data.reader import iter_samples
 
-    With ``input_dir`` (the caption shards) the true boxes of captions the job skipped count as missed.
+    out = {}
+    for t in iter_samples(truth_dir, split=split, decode_images=False):
+        where = f"{t.url}: sample {t.key or t.id}"
+        if t.caption is None or t.spans is None:
+            raise ValueError(f"{where}: 'kind' is {t.kind!r}; the truth must be grounding records (caption + spans)")
+        if t.id in out:
+            raise ValueError(f"{where}: 'id' {t.id!r} appears twice in the truth ({out[t.id][3]})")
+        out[t.id] = (t.caption, t.boxes.tolist(), [[tuple(x) for x in sp] for sp in t.spans], where)
+    return out
+
+
+def score_pseudo(out_dir: str, split: str, input_dir: Optional[str] = None, iou: float = 0.5,
+                 phrase_aware: bool = True, labelled_only: bool = False, truth_dir: Optional[str] = None) -> dict:
+    """Precision / recall and placement of the pseudo boxes in ``out_dir`` against true boxes.
+
+    The true boxes are each record's ``hidden`` ones (the synthetic caption split), or with ``truth_dir`` those of
+    the grounding records there with the same id and caption (e.g. people's boxes for a sample of the captions):
+    then only pseudo records with a truth record are scored, and a truth record the job did not label counts as
+    missed unless ``labelled_only``. With ``input_dir`` (the caption shards; hidden truth only) the true boxes of
+    captions the job skipped count as missed.
     """
     from ..data.reader import iter_samples
 
-    tp = n_pred = n_true = 0
+    truth = _truth_records(truth_dir, split) if truth_dir is not None else None
+    tp = n_pred = n_true = unscored = 0
     seen, pairs = set(), []
     for s in iter_samples(out_dir, split=split, decode_images=False):
-        if not s.hidden:
-            raise ValueError(f"{out_dir}: sample {s.id} has no hidden true boxes to score against")
+        where = f"{s.url}: sample {s.key or s.id}"
+        if truth is not None:
+            if s.id not in truth:
+                unscored += 1
+                continue
+            caption, true_boxes, true_spans, twhere = truth[s.id]
+            if caption != s.caption:
+                raise ValueError(f"{where}: 'caption' {s.caption!r} differs from the truth's {caption!r} ({twhere})")
+        elif not s.hidden:
+            raise ValueError(f"{where}: 'hidden' is missing: no true boxes to score against (give truth_dir)")
+        else:
+            true_boxes, true_spans = s.hidden["boxes"], s.hidden["spans"]
         seen.add(s.id)
         boxes = s.boxes.tolist()
         n_pred += len(boxes)
-        n_true += len(s.hidden["boxes"])
+        n_true += len(true_boxes)
         matches = []
         tp += match_image(boxes, list(s.scores or [1.0] * len(boxes)), [[tuple(x) for x in sp] for sp in s.spans],
-                          s.hidden["boxes"], s.hidden["spans"], iou, phrase_aware, matches)
-        pairs += [(boxes[k], s.hidden["boxes"][j], v) for k, j, v in matches]
-    if input_dir is not None and not labelled_only:
-        for s in iter_samples(input_dir, split=split, decode_images=False):
-            if s.id not in seen and s.hidden:
-                n_true += len(s.hidden["boxes"])
+                          true_boxes, true_spans, iou, phrase_aware, matches)
+        pairs += [(boxes[k], true_boxes[j], v) for k, j, v in matches]
+    if not labelled_only:
+        if truth is not None:
+            n_true += sum(len(t[1]) for i, t in truth.items() if i not in seen)
+        elif input_dir is not None:
+            for s in iter_samples(input_dir, split=split, decode_images=False):
+                if s.id not in seen and s.hidden:
+                    n_true += len(s.hidden["boxes"])
     return {"precision": tp / max(n_pred, 1), "recall": tp / max(n_true, 1), "tp": tp, "pseudo_boxes": n_pred,
-            "true_boxes": n_true, "images": len(seen), "iou": iou, "phrase_aware": phrase_aware,
-            **placement(pairs)}  # of the true positives, against their true boxes
+            "true_boxes": n_true, "images": len(seen), "unscored_images": unscored, "iou": iou,
+            "phrase_aware": phrase_aware, **placement(pairs)}  # of the true positives, against their true boxes
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pseudo-score", help="precision, recall and box placement of pseudo labels against truth",
+                       description="Score a pseudo-label output against true boxes: the records' hidden ones (the "
+                                   "synthetic caption split) or --truth grounding shards of the same captions (e.g. "
+                                   "people's boxes for a sample). Prints precision / recall at --iou and the true "
+                                   "positives' mean IoU, share at IoU >= 0.75, size ratio (1 = no size bias) and "
+                                   "centre offset (in true-box sides).")
+    p.add_argument("--pseudo", required=True, help="the pseudo-label output folder (or shard list)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--truth", help="grounding shards with the true boxes of (some of) the same captions, by id")
+    p.add_argument("--input", help="the caption shards that were labelled (hidden truth only): the true boxes of "
+                                   "captions the job skipped count as missed")
+    p.add_argument("--iou", type=float, default=0.5)
+    p.add_argument("--any-phrase", action="store_true", help="match boxes whatever phrase they name")
+    p.add_argument("--labelled-only", action="store_true", help="do not count unlabelled captions' boxes as missed")
+    p.add_argument("--json", help="also write the figures to this file")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    import json
+
+    from ..data.schema import ShardError
+
+    if args.truth and args.input:
+        raise SystemExit("give --truth or --input, not both (--input only applies to the hidden truth)")
+    try:
+        r = score_pseudo(args.pseudo, args.split, input_dir=args.input, iou=args.iou, phrase_aware=not args.any_phrase,
+                         labelled_only=args.labelled_only, truth_dir=args.truth)
+    except (ValueError, ShardError) as e:
+        raise SystemExit(f"glip-pl pseudo-score: {e}") from None
+    print(f"{r['images']} images scored ({r['unscored_images']} without truth), {r['pseudo_boxes']} pseudo boxes, "
+          f"{r['true_boxes']} true boxes")
+    print(f"precision {r['precision']:.3f}  recall {r['recall']:.3f}  at IoU {r['iou']:g}"
+          f"{'' if r['phrase_aware'] else ' (any phrase)'}")
+    print(f"true positives ({r['tp']}): mean IoU {r['matched_mean_iou']:.3f}  at IoU >= 0.75 {r['matched_iou75']:.3f}"
+          f"  size ratio {r['matched_size_ratio']:.3f}  centre offset {r['matched_centre_offset']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0

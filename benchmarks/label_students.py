@@ -19,10 +19,11 @@ loss only (0); ``--label-size`` sets the side the teacher labels at (160 px by d
 at 192). ``--true-labels`` adds a control: gold + the true grounding labels of the same web scenes (what a perfect
 teacher would give); ``--thinned-recall R`` two more (a random fraction R of the true boxes, without / with the
 dropped ones as ignore regions); ``--found-true`` one per labelling (the true boxes of the objects it found);
-``--tp-only`` one per labelling (its own boxes that match a true box, where it placed them); ``--tp-snapped`` one
-per labelling (the same boxes moved onto the true boxes they match). Prints one table row per labelling (precision /
-recall of its boxes, their true positives' mean IoU and size ratio, ignore regions, AP per seed and mean) after the
-gold-only row, and writes json to ``benchmarks/results/label_students.json``.
+``--tp-only`` one per labelling (its own boxes that match a true box, where it placed them); ``--tp-snapped [S
+...]`` one per labelling and S (the same boxes moved onto the true boxes they match, each side times S, default 1).
+Prints one table row per labelling (precision / recall of its boxes, their true positives' mean IoU and size ratio,
+ignore regions, AP per seed and mean) after the gold-only row, and writes json to
+``benchmarks/results/label_students.json``.
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ def thinned_true_labels(root: Path, recall: float, ignore: bool, seed: int = 0) 
                                 lambda rec: [rng.random() < recall for _ in rec["boxes"]], ignore)
 
 
-def tp_only_labels(root: Path, pseudo: Path, snap: bool = False) -> Path:
+def tp_only_labels(root: Path, pseudo: Path, snap: bool = False, scale: float = 1.0) -> Path:
     """A labelling with its wrong boxes removed: only the pseudo boxes that match a true box (IoU >= 0.5 and the
     right phrase, as ``score_pseudo`` counts them), where the teacher put them, or with ``snap`` moved onto the true
-    box each matched (the teacher's records, objects and text with perfect placement)."""
+    box each matched (the teacher's records, objects and text with perfect placement), each side times ``scale``
+    about its centre and clipped to the image (a size bias alone, without the teacher's scatter)."""
     from glip_pl.label.score import match_image
 
     def choose(rec):
@@ -126,12 +128,15 @@ def tp_only_labels(root: Path, pseudo: Path, snap: bool = False) -> Path:
                     matches=matches)
         if snap:
             for k, t, _ in matches:
-                rec["boxes"][k] = rec["hidden"]["boxes"][t]
+                x1, y1, x2, y2 = rec["hidden"]["boxes"][t]
+                cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, scale * (x2 - x1) / 2, scale * (y2 - y1) / 2
+                w, h = rec["width"], rec["height"]  # clipped to the image, as the teacher's boxes are
+                rec["boxes"][k] = [max(cx - hw, 0), max(cy - hh, 0), min(cx + hw, w), min(cy + hh, h)]
         tp = {k for k, _, _ in matches}
         return [k in tp for k in range(len(rec["boxes"]))]
 
-    return _rewrite_true_labels(root, f"tp_{'snapped' if snap else 'only'}_{pseudo.name}", choose, ignore=False,
-                                src=pseudo)
+    kind = "only" if not snap else "snapped" if scale == 1.0 else f"snapped_x{scale:g}"
+    return _rewrite_true_labels(root, f"tp_{kind}_{pseudo.name}", choose, ignore=False, src=pseudo)
 
 
 def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path = None) -> Path:
@@ -176,6 +181,16 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path 
 
 
 def _validate(cfg: Path, ckpt: Path) -> float:
+    """Val box AP of ``ckpt``, cached next to it (re-measured when the checkpoint is newer than the cache)."""
+    cache = ckpt.with_name(ckpt.stem + ".val_ap.json")
+    if cache.exists() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
+        return json.loads(cache.read_text())["ap"]
+    ap = _run_validate(cfg, ckpt)
+    cache.write_text(json.dumps({"ap": ap, "config": str(cfg)}))
+    return ap
+
+
+def _run_validate(cfg: Path, ckpt: Path) -> float:
     r = glip_pl("validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1.0",
                 timeout=1200)
     aps = AP.findall(r.stdout + r.stderr)
@@ -229,8 +244,9 @@ def main(argv=None) -> int:
                    help="also a control row per labelling: the true labels of the objects it found")
     p.add_argument("--tp-only", action="store_true",
                    help="also a control row per labelling: its pseudo boxes that match a true box, as placed")
-    p.add_argument("--tp-snapped", action="store_true",
-                   help="also a control row per labelling: its pseudo boxes that match a true box, moved onto it")
+    p.add_argument("--tp-snapped", type=float, nargs="*", metavar="SCALE",
+                   help="also a control row per labelling (and SCALE, default 1): its pseudo boxes that match a true "
+                        "box, moved onto it, each side times SCALE about the centre")
     p.add_argument("--box-loss-weight", type=float, nargs="+", default=[1.0], metavar="W",
                    help="one row per labelling and W: the pseudo source's box_loss_weight (0: its boxes train the "
                         "token loss only; default 1, as gold)")
@@ -276,10 +292,11 @@ def main(argv=None) -> int:
             d = tp_only_labels(root, out)
             rows.append({"labelling": f"the true-positive boxes of {name} (control)", "precision": 1.0,
                          "recall": sc["recall"], "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
-        if args.tp_snapped:
-            d = tp_only_labels(root, out, snap=True)
-            rows.append({"labelling": f"the true-positive boxes of {name}, moved onto their true boxes (control)",
-                         "precision": 1.0, "recall": sc["recall"],
+        for scale in ([1.0] if args.tp_snapped == [] else args.tp_snapped or []):
+            d = tp_only_labels(root, out, snap=True, scale=scale)
+            rows.append({"labelling": f"the true-positive boxes of {name}, moved onto their true boxes"
+                                      f"{'' if scale == 1.0 else f' and scaled by {scale:g}'} (control)",
+                         "precision": 1.0, "recall": sc["recall"], "size_ratio": scale,
                          "aps": [student(root, teacher, d, s, args.steps) for s in args.seeds]})
         if args.found_true:
             d = found_true_labels(root, out)

@@ -54,6 +54,9 @@ def test_url_forms(synthetic_shards):
     assert expand_urls([f"{d}/val-000000.tar"]) == [f"{d}/val-000000.tar"]
     with pytest.raises(ShardError, match="no shards"):
         expand_urls(d, "test")
+    with pytest.raises(ShardError, match=f"{d}-typo: .*'shards': no such directory or shard file"):
+        expand_urls(f"{d}-typo", "train")
+    assert expand_urls("pipe:cat a.tar") == ["pipe:cat a.tar"]  # remote/pipe urls are opened later, not checked
 
 
 @pytest.mark.parametrize("ext", ["pyd", "pickle"])

@@ -35,12 +35,19 @@ def expand_urls(urls: Urls, split: Optional[str] = None) -> list:
             return found
         from braceexpand import braceexpand
 
-        return [u for part in urls.split("::") for u in braceexpand(part)]
+        found = [u for part in urls.split("::") for u in braceexpand(part)]
+        if len(found) == 1 and not _is_remote(found[0]) and not os.path.exists(found[0].removeprefix("file:")):
+            raise ShardError(urls, "-", "shards", "no such directory or shard file")
+        return found
     return [str(u) for u in urls]
 
 
+def _is_remote(url: str) -> bool:
+    return url.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))
+
+
 def _open(url: str):
-    if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
+    if _is_remote(url):
         from webdataset.gopen import gopen  # streams through curl/gsutil/aws the way webdataset users expect
 
         return gopen(url, "rb")

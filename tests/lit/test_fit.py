@@ -115,7 +115,7 @@ def test_too_few_shards_for_workers_is_a_clear_error(tmp_path, synthetic_shards)
     cfg = recipe(tmp_path, synthetic_shards, workers=8)
     r = glip_pl("fit", "--config", str(cfg))
     assert r.returncode != 0
-    assert "shards" in r.stderr and "8" in r.stderr
+    assert "has 6 shard(s)" in r.stderr and "num_workers 8 = 8 readers" in r.stderr
 
 
 def test_checkpoint_of_another_preset_is_refused(tmp_path, synthetic_shards):

@@ -15,7 +15,9 @@
 #   sbatch --gres=none --ntasks-per-node=2 --cpus-per-task=1 --mem=0 --time=10 \
 #       scripts/slurm/pretrain.sh recipes/local/cpu_smoke.yaml --trainer.strategy=ddp
 # (tests/lit/test_slurm.py runs exactly this on a one-node Slurm that scripts/ci/slurm_up.sh brings up.)
-# Environment: GLIP_PL_ROOT (repository, default: the submit directory), GLIP_PL_VENV (default ROOT/.venv).
+# Environment (scripts/slurm/setup_node.sh): GLIP_PL_ROOT (repository, default: the submit directory), GLIP_PL_SETUP
+# (a file sourced first: `module load`, conda, a container), GLIP_PL_VENV (default ROOT/.venv). Nothing is installed
+# on the compute nodes.
 #SBATCH --job-name=glip_pl
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -32,10 +34,8 @@ if [ "$#" -lt 1 ]; then
     echo "usage: sbatch scripts/slurm/pretrain.sh CONFIG.yaml [MORE.yaml ...] [--key=value ...]" >&2
     exit 2
 fi
-ROOT="${GLIP_PL_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}}"
-cd "$ROOT"
 # shellcheck disable=SC1091
-[ -f "${GLIP_PL_VENV:-$ROOT/.venv}/bin/activate" ] && . "${GLIP_PL_VENV:-$ROOT/.venv}/bin/activate"
+. "${GLIP_PL_ROOT:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}}/scripts/slurm/setup_node.sh"
 
 ARGS=()
 for a in "$@"; do
@@ -47,16 +47,7 @@ export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIS
 export MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
 # NCCL: fail fast instead of hanging on a dead peer; keep logs quiet unless asked.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-# W&B: offline unless a key is configured (see README, "Weights & Biases").
-# sbatch exports the submitting shell's environment: a W&B service address from there (a notebook, a sweep
-# agent) would point at another host's process; every task starts its own.
-unset WANDB_SERVICE
-export WANDB_MODE="${WANDB_MODE:-$([ -n "${WANDB_API_KEY:-}" ] && echo online || echo offline)}"
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TOKENIZERS_PARALLELISM=false
 export GLIP_PL_NUM_NODES="$SLURM_JOB_NUM_NODES" GLIP_PL_DEVICES="$SLURM_NTASKS_PER_NODE"
-
-# one intra-op thread per CPU the task was given (Lightning's CPU default would use every core of the node)
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 
 echo "[glip_pl] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST (master $MASTER_ADDR:$MASTER_PORT)"
 srun --kill-on-bad-exit=1 python -m glip_pl.cli fit "${ARGS[@]}" \

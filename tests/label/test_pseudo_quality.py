@@ -2,7 +2,7 @@
 labels the caption split through ``glip-pl pseudo-label``; its pseudo boxes are scored against the hidden true boxes
 at IoU 0.5 (phrase-aware). The teacher is the suite's shared CLI-trained tiny model (``pretrained_tiny``, also the
 transfer tests' starting point); the thresholds asserted are what that budget honestly reaches (figures below); the
-demo's 400-step teacher reaches 0.82 / 0.81, measured outside the suite (src/glip_pl/label/README.md)."""
+demo's 400-step teacher reaches 0.82 / 0.81, measured outside the suite (docs/experiments/pseudo_labelling.md)."""
 
 import json
 import math
@@ -52,7 +52,7 @@ def test_teacher_pseudo_boxes_match_hidden_truth(tmp_path, synthetic_shards, pre
 # Measured with this budget (the shared teacher of tests/_tiny_fit.py: 300 steps of batch 4 at 192 px, seed 7; the
 # 3.0 M tiny preset; labelling at 160 px): precision 0.69, recall 0.70 at IoU 0.5 (phrase-aware, score > 0.3, top-1
 # box per phrase; 74 true boxes). The demo's budget (400 steps at 256 px) reaches 0.82 / 0.81 with score > 0.4 and
-# top-1 on the 512 caption scenes (src/glip_pl/label/README.md); the earlier 150-step, 128-px teacher 0.32 / 0.32.
+# top-1 on the 512 caption scenes (docs/experiments/pseudo_labelling.md); the earlier 150-step, 128-px teacher 0.32 / 0.32.
 # Over three seeds of the teacher's pre-training (7, the suite's; 8; 9): 0.69 / 0.70, 0.57 / 0.57, 0.68 / 0.68; a
 # later run of seed 7 (this file with test_transfer.py alone, not the whole suite) gave 0.76 / 0.76. Since the
 # grid_sample form of the deformable convs (commit 102e875; same function, other float rounding): 0.72 / 0.72.

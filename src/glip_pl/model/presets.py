@@ -85,7 +85,7 @@ def _tiny() -> GLIPConfig:
     """A few-MB model for CPU tests and the demo: the same structure at small widths.
 
     The widths are what the demo needs to learn colour *and* shape in a few hundred CPU steps, measured on the
-    synthetic data (demo recipe, 300 steps, one seed each; probes in src/glip_pl/label/README.md): with a 32-wide
+    synthetic data (demo recipe, 300 steps, one seed each; probes in docs/experiments/pseudo_labelling.md): with a 32-wide
     head the image features lose the colour on their way through the head (a linear probe reads it from the FPN
     at 95-99 %, from the head's output at 33-53 %) and box AP stays at 0.10-0.19; a 64-wide head with a 128-wide
     fusion keeps it (94 %) and reaches AP 0.37 for 1.7x the step time.

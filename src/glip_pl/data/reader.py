@@ -90,15 +90,14 @@ def iter_raw(url: str) -> Iterator[dict]:
 
 
 def decode_image(data: bytes, url: str = "", key: str = "", ext: str = "jpg"):
-    """Encoded bytes → RGB PIL image (no EXIF rotation: annotations refer to the stored pixels)."""
-    from PIL import Image
+    """Encoded bytes → upright 8-bit RGB PIL image (``image_io.open_rgb``: EXIF orientation applied, 16-bit scaled;
+    the converters record the upright size, so boxes refer to these pixels)."""
+    from .image_io import open_rgb
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        return open_rgb(data)
     except Exception as e:
         raise ShardError(url, key, ext, f"undecodable image: {e}") from None
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_sample(raw: dict, decode_images: bool = True) -> Sample:

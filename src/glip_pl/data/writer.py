@@ -79,7 +79,10 @@ def _write_shard(job: dict) -> dict:
                         elif (rec["width"], rec["height"]) != (w, h):
                             raise where.error("image_size_mismatch", "width/height",
                                               f"annotation says {rec['width']}x{rec['height']} but the image "
-                                              f"{image_path} is {w}x{h}")
+                                              f"{image_path} is {w}x{h}" + (
+                                                  " once turned upright by its EXIF orientation (annotations "
+                                                  "must refer to the upright image)"
+                                                  if (rec["width"], rec["height"]) == (h, w) else ""))
                         stats["clipped_boxes"] += validate_record(rec, where, job["clip_tolerance"])
                     except ConversionError as e:
                         if job["on_error"] != "skip":

@@ -32,6 +32,7 @@ from .schema import SCHEMA_VERSION, ConversionError, ShardError, Where, probe_im
 from .shard_index import check_listed, read_index, staging_dir, write_index
 
 _write_index = write_index  # the name label/job.py imports
+PUBLISHING = "publishing"  # marker in the staging folder: every shard is written and they are being moved
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,13 @@ def write_split(
             os.remove(os.path.join(stage, n))
 
     jobs, stats = [], {}
+    publishing = os.path.exists(os.path.join(stage, PUBLISHING))
     for name, idx in zip(names, plan):
         sp = _stats_path(stage, name)
-        # finished by an earlier run: still staged, or already moved into place by an interrupted publish
-        if os.path.exists(sp) and (os.path.exists(os.path.join(stage, name)) or os.path.exists(os.path.join(out_dir, name))):
+        # finished by an earlier run: still staged, or already moved into place by an interrupted publish (only
+        # then may a shard of that name in the folder be ours: before, it is the old conversion's)
+        if os.path.exists(sp) and (os.path.exists(os.path.join(stage, name))
+                                   or (publishing and os.path.exists(os.path.join(out_dir, name)))):
             with open(sp) as f:
                 stats[name] = json.load(f)
             continue
@@ -264,6 +268,8 @@ def _publish(out_dir: str, split: str, stage: str, names: list, entry: dict, top
     if split in (index.get("splits") or {}):
         del index["splits"][split]  # from here until the new entry, readers are told the conversion is unfinished
         write_index(out_dir, index)
+    with open(os.path.join(stage, PUBLISHING), "w"):
+        pass  # from here a shard missing from the stage has been moved into place (see the resume in write_split)
     for n in os.listdir(out_dir):  # the old conversion's shards beyond the new count, and old-style temporaries
         if (n.startswith(f"{split}-") and n.endswith(".tar") and n not in names) or n.startswith(f".{split}-"):
             os.remove(os.path.join(out_dir, n))

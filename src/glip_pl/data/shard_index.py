@@ -53,19 +53,16 @@ def write_index(out_dir: str, index: dict) -> None:
 def unfinished(out_dir: str, split: Optional[str] = None) -> list:
     """Splits of ``out_dir`` whose conversion started and has not published (all splits when ``split`` is None).
 
-    ``.<split>.plan`` is the marker of writers before staging folders; it means the same."""
-    found = []
+    For a named split, ``.<split>.plan`` (the marker of writers before staging folders) means the same; it is not
+    scanned for otherwise, as other tools keep ``.<name>.plan`` files (the label job's ``.label.plan``)."""
     try:
         names = os.listdir(out_dir)
     except OSError:
-        return found
-    for n in names:
-        for suffix in (".staging", ".plan"):
-            if n.startswith(".") and n.endswith(suffix):
-                s = n[1:-len(suffix)]
-                if split is None or s == split:
-                    found.append(s)
-    return sorted(set(found))
+        return []
+    found = {n[1:-len(".staging")] for n in names if n.startswith(".") and n.endswith(".staging")}
+    if split is not None:
+        return [split] if split in found or f".{split}.plan" in names else []
+    return sorted(found)
 
 
 def check_listed(out_dir: str, entry: dict, split: str) -> list:

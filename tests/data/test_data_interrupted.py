@@ -1,6 +1,7 @@
 """Interrupted conversions: an overwrite killed at any point leaves readers the old complete set or a clear error
 (never a partial set read as whole) and resumes to the new set; Ctrl-C is one line and exit status 130."""
 
+import json
 import multiprocessing
 import os
 import shutil
@@ -111,6 +112,11 @@ def test_index_describing_missing_shards_is_an_error_naming_folder_and_shard(tmp
     with open(os.path.join(d, "train-000002.tar"), "ab") as f:  # a shard of another conversion under a listed name
         f.write(b"\0" * 512)
     with pytest.raises(ShardError, match="train-000002.tar.*bytes"):
+        expand_urls(d, "train")
+    index = json.load(open(os.path.join(d, "index.json")))  # the index is untrusted too: no paths out of the folder
+    index["splits"]["train"]["shards"][0]["name"] = "../elsewhere.tar"
+    json.dump(index, open(os.path.join(d, "index.json"), "w"))
+    with pytest.raises(ShardError, match=r"shards\[0\].name"):
         expand_urls(d, "train")
 
 

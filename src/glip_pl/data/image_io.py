@@ -23,14 +23,17 @@ _SWAPS_SIDES = (5, 6, 7, 8)  # transpose / rotate 90 / transverse / rotate 270
 BACKGROUND = (255, 255, 255)
 
 
+def _orientation(im) -> int:
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION) or 1)
+    except Exception:  # a broken EXIF block: treated as upright
+        return 1
+
+
 def oriented_size(im) -> tuple:
     """(width, height) of ``im`` once its EXIF orientation is applied, read from the header only."""
     w, h = im.size
-    try:
-        orientation = im.getexif().get(EXIF_ORIENTATION)
-    except Exception:  # a broken EXIF block: exif_transpose ignores it too
-        orientation = None
-    return (h, w) if orientation in _SWAPS_SIDES else (w, h)
+    return (h, w) if _orientation(im) in _SWAPS_SIDES else (w, h)
 
 
 def _scale_to_uint8(im):
@@ -53,7 +56,8 @@ def to_rgb(im):
     """An upright 8-bit RGB copy of the PIL image ``im`` (any mode; see the module docstring)."""
     from PIL import Image, ImageOps
 
-    im = ImageOps.exif_transpose(im)  # a copy without the orientation tag, so applying it twice is harmless
+    if _orientation(im) != 1:  # (most images: no copy) the result drops the tag, so applying it twice is harmless
+        im = ImageOps.exif_transpose(im)
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":

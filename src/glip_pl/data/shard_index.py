@@ -68,8 +68,15 @@ def unfinished(out_dir: str, split: Optional[str] = None) -> list:
 def check_listed(out_dir: str, entry: dict, split: str) -> list:
     """Paths of the split's listed shards, after checking each exists with its listed byte size."""
     paths = []
-    for s in entry.get("shards") or []:
-        path = os.path.join(out_dir, s["name"])
+    shards = entry.get("shards") if isinstance(entry, dict) else None
+    if not isinstance(shards, list):
+        raise ShardError(os.path.join(out_dir, INDEX), "-", f"splits.{split}.shards", "must be a list of shards")
+    for i, s in enumerate(shards):
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ShardError(os.path.join(out_dir, INDEX), "-", f"splits.{split}.shards[{i}].name",
+                             f"must be the file name of a shard in this folder, got {name!r}")
+        path = os.path.join(out_dir, name)
         if not os.path.isfile(path):
             raise ShardError(path, "-", INDEX, f"shard listed for split {split!r} in {os.path.join(out_dir, INDEX)} "
                                                "is missing: the folder does not hold the conversion its index "

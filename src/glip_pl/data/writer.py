@@ -192,7 +192,8 @@ def write_split(
             f"{out_dir} already holds {split} shards from a different conversion (other input or options); "
             "pass --overwrite to replace them")
     if os.path.isdir(stage) and not same_stage:
-        shutil.rmtree(stage)  # an unfinished conversion with another plan: never published, nothing is lost
+        log.info("%s/%s: discarding the unfinished staged shards of another conversion", out_dir, split)
+        shutil.rmtree(stage)  # never published, so nothing that was readable is lost
     os.makedirs(stage, exist_ok=True)
     if not same_stage:
         with open(plan_file + ".tmp", "w") as f:

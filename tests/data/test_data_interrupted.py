@@ -13,6 +13,7 @@ import time
 import pytest
 
 from glip_pl.data import ShardError, iter_samples
+from glip_pl.data.pipeline import SourceSpec, resolve_source
 from glip_pl.data.reader import expand_urls
 from glip_pl.data.synthetic import SyntheticConfig, generate_synthetic
 
@@ -109,10 +110,14 @@ def test_index_describing_missing_shards_is_an_error_naming_folder_and_shard(tmp
     os.remove(os.path.join(d, "train-000005.tar"))
     with pytest.raises(ShardError, match="train-000005.tar.*missing"):
         expand_urls(d, "train")
+    with pytest.raises(ShardError, match="train-000005.tar.*missing"):  # the training pipeline's source
+        resolve_source(SourceSpec(d, split="train"))
     with open(os.path.join(d, "train-000002.tar"), "ab") as f:  # a shard of another conversion under a listed name
         f.write(b"\0" * 512)
     with pytest.raises(ShardError, match="train-000002.tar.*bytes"):
         expand_urls(d, "train")
+    with pytest.raises(ShardError, match="train-000002.tar.*bytes"):  # named by a pattern: its count is not ours
+        resolve_source(SourceSpec(os.path.join(d, "train-{000001..000002}.tar")))
     index = json.load(open(os.path.join(d, "index.json")))  # the index is untrusted too: no paths out of the folder
     index["splits"]["train"]["shards"][0]["name"] = "../elsewhere.tar"
     json.dump(index, open(os.path.join(d, "index.json"), "w"))

@@ -56,12 +56,15 @@ def test_resume_after_a_crash_rewrites_only_missing_shards(tmp_path):
     kw = dict(source="toy", kind="detection", max_count=5, num_workers=1, progress=False)
     with pytest.raises(RuntimeError, match="simulated"):
         write_split(out, "train", _records(20, crash_at=12), _build, **kw)
-    done = sorted(n for n in os.listdir(out) if n.endswith(".tar"))
+    stage = os.path.join(out, ".train.staging")  # nothing is published before the whole split is written
+    assert not [n for n in os.listdir(out) if n.endswith(".tar")] and "index.json" not in os.listdir(out)
+    done = sorted(n for n in os.listdir(stage) if n.endswith(".tar"))
     assert done == ["train-000000.tar", "train-000001.tar"]  # finished shards only, under their final names
-    assert not [n for n in os.listdir(out) if ".tmp" in n]
-    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in done}
+    assert not [n for n in os.listdir(stage) if ".tmp" in n]
+    before = {n: os.stat(os.path.join(stage, n)).st_mtime_ns for n in done}
     entry = write_split(out, "train", _records(20), _build, **kw)
-    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in done} == before  # skipped on resume
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in done} == before  # skipped on resume, then moved
+    assert not os.path.exists(stage)
     fresh = str(tmp_path / "fresh")
     assert entry == write_split(fresh, "train", _records(20), _build, **kw)
     assert _digests(out) == _digests(fresh)

@@ -2,7 +2,7 @@
 
 Every sub-command writes ``<out>/<split>-%06d.tar`` + ``<out>/index.json``, prints a summary (samples, shards,
 bytes, skipped records by error, clipped boxes) and exits 1 with the error's file/record/field on a bad record
-unless ``--on-error skip``.
+unless ``--on-error skip``. Ctrl-C prints one line and exits 130; the finished shards are kept for a resume.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ def _run(fn):
         except (FileExistsError, ImportError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C: one line, the shell's exit status for SIGINT, nothing published
+            print(f"interrupted: nothing new was published in {args.out}; run the same command again to resume "
+                  "from the finished shards", file=sys.stderr)
+            return 130
         return 0
     return wrapped
 

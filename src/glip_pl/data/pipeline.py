@@ -32,7 +32,7 @@ from .reader import decode_sample, expand_urls
 from .schema import IMAGE_EXTS, ShardError
 from .shardlists import read_shards, resampled, seeded, shard_list, shuffle, split_by_node, split_by_worker
 from .transforms import TransformConfig, apply_transforms
-from .writer import read_index
+from .shard_index import read_index
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,8 @@ def resolve_source(spec: SourceSpec) -> ResolvedSource:
     index, directory = {}, None
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(str(path)):
         directory = str(path)
+        urls = expand_urls(directory, spec.split)  # checks the index against the files
         index = read_index(directory)
-        entry = (index.get("splits") or {}).get(spec.split)
-        if entry:
-            urls = [os.path.join(directory, s["name"]) for s in entry["shards"]]
-        else:
-            urls = expand_urls(directory, spec.split)
     else:
         urls = expand_urls(path)
         if urls and os.path.exists(urls[0]):
@@ -90,9 +86,15 @@ def resolve_source(spec: SourceSpec) -> ResolvedSource:
             index = read_index(directory)
     counts = None
     if index:
-        by_name = {s["name"]: s["count"] for e in (index.get("splits") or {}).values() for s in e["shards"]}
-        if all(os.path.basename(u) in by_name for u in urls):
-            counts = [by_name[os.path.basename(u)] for u in urls]
+        listed = {s["name"]: s for e in (index.get("splits") or {}).values() for s in e["shards"]}
+        if all(os.path.basename(u) in listed for u in urls):
+            for u in urls:  # shards named one by one: the counts are theirs only if the sizes agree
+                size = os.path.getsize(u) if os.path.exists(u) else None  # a missing one fails when read
+                want = listed[os.path.basename(u)].get("bytes")
+                if None not in (size, want) and size != want:
+                    raise ShardError(u, "-", "index.json", f"shard is {size} bytes but {directory}/index.json lists "
+                                                           f"{want}: it belongs to another conversion")
+            counts = [listed[os.path.basename(u)]["count"] for u in urls]
     kind = index.get("kind")
     if spec.kind and kind and spec.kind != kind:
         raise ValueError(f"source {spec.urls!r}: expected kind {spec.kind!r} but index.json says {kind!r}")

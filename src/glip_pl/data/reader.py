@@ -16,6 +16,7 @@ import tarfile
 from typing import Iterable, Iterator, Optional, Union
 
 from .schema import IMAGE_EXTS, PICKLE_EXTS, ConversionError, Sample, ShardError, Where, sample_from_record, validate_record
+from .shard_index import listed_shards
 
 Urls = Union[str, Iterable[str]]
 
@@ -23,11 +24,19 @@ Urls = Union[str, Iterable[str]]
 def expand_urls(urls: Urls, split: Optional[str] = None) -> list:
     """A list of shard urls from: a list, a brace pattern ("a-{000000..000009}.tar"), a .tar path, or a directory.
 
-    A directory gives its shards in sorted order (only ``<split>-*.tar`` when ``split`` is given).
+    A directory with ``index.json`` gives the shards it lists (of ``split``, or of every split), each checked to
+    exist with its listed size (``shard_index.listed_shards``: an interrupted or unfinished conversion is a
+    ShardError naming the folder, never a partial set); a directory without one gives its shards in sorted order
+    (only ``<split>-*.tar`` when ``split`` is given).
     """
     if isinstance(urls, (str, os.PathLike)):
         urls = str(urls)
         if os.path.isdir(urls):
+            listed = listed_shards(urls, split)
+            if listed is not None:
+                if not listed:
+                    raise ShardError(urls, "-", "shards", "index.json lists no shards")
+                return listed
             pattern = f"{split}-*.tar" if split else "*.tar"
             found = sorted(glob.glob(os.path.join(urls, pattern)))
             if not found:
@@ -90,15 +99,14 @@ def iter_raw(url: str) -> Iterator[dict]:
 
 
 def decode_image(data: bytes, url: str = "", key: str = "", ext: str = "jpg"):
-    """Encoded bytes → RGB PIL image (no EXIF rotation: annotations refer to the stored pixels)."""
-    from PIL import Image
+    """Encoded bytes → upright 8-bit RGB PIL image (``image_io.open_rgb``: EXIF orientation applied, 16-bit scaled;
+    the converters record the upright size, so boxes refer to these pixels)."""
+    from .image_io import open_rgb
 
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        return open_rgb(data)
     except Exception as e:
         raise ShardError(url, key, ext, f"undecodable image: {e}") from None
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_sample(raw: dict, decode_images: bool = True) -> Sample:

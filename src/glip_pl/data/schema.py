@@ -161,13 +161,17 @@ def _check_spans(spans, caption: str, where: Where, field: str) -> None:
 def probe_image(data: bytes, where: Where, path: str, verify: str = "full") -> tuple:
     """(width, height, format) of encoded image bytes; ``undecodable_image`` when PIL cannot read them.
 
-    ``verify="full"`` decodes every pixel (catches truncated files); ``"header"`` only reads the header.
+    The size is the upright one (EXIF orientation applied, as every decoder in ``image_io`` does), so the stored
+    width/height and boxes match the decoded pixels. ``verify="full"`` decodes every pixel (catches truncated
+    files); ``"header"`` only reads the header.
     """
     from PIL import Image
 
+    from .image_io import oriented_size
+
     try:
         with Image.open(io.BytesIO(data)) as im:
-            size, fmt = im.size, (im.format or "").lower()
+            size, fmt = oriented_size(im), (im.format or "").lower()
             if verify == "full":
                 im.load()
     except Exception as e:  # PIL raises many types for corrupt data

@@ -7,8 +7,11 @@ turns one record into (json record, encoded image bytes, image extension, ``Wher
      on the number of processes),
   3. builds and validates every sample in worker processes (``schema.validate_record`` + ``probe_image``),
      writing each shard to a temporary name and renaming it when complete,
-  4. skips shards already finished by an earlier run of the same plan (resume), and
-  5. merges the split's entry (shard counts, error counts, options) into ``<out>/index.json``.
+  4. stages the shards in ``<out>/.<split>.staging/`` and skips those an earlier run of the same plan finished
+     (resume), and
+  5. publishes: drops the split from ``<out>/index.json``, moves the shards into place, and writes the split's entry
+     (shard counts and sizes, error counts, options) last (``shard_index``). A conversion killed at any point
+     leaves the old complete set listed, or no listed split at all (readers then name the unfinished conversion).
 Tar members carry fixed metadata (mtime 0, uid 0, mode 0644) so the same input gives byte-identical shards.
 """
 
@@ -20,11 +23,16 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Optional, Sequence
 
-from .schema import SCHEMA_VERSION, ConversionError, Where, probe_image, validate_record
+from .schema import SCHEMA_VERSION, ConversionError, ShardError, Where, probe_image, validate_record
+from .shard_index import check_listed, read_index, staging_dir, write_index
+
+_write_index = write_index  # the name label/job.py imports
+PUBLISHING = "publishing"  # marker in the staging folder: every shard is written and they are being moved
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,10 @@ def _write_shard(job: dict) -> dict:
                         elif (rec["width"], rec["height"]) != (w, h):
                             raise where.error("image_size_mismatch", "width/height",
                                               f"annotation says {rec['width']}x{rec['height']} but the image "
-                                              f"{image_path} is {w}x{h}")
+                                              f"{image_path} is {w}x{h}" + (
+                                                  " once turned upright by its EXIF orientation (annotations "
+                                                  "must refer to the upright image)"
+                                                  if (rec["width"], rec["height"]) == (h, w) else ""))
                         stats["clipped_boxes"] += validate_record(rec, where, job["clip_tolerance"])
                     except ConversionError as e:
                         if job["on_error"] != "skip":
@@ -105,22 +116,6 @@ def _write_shard(job: dict) -> dict:
 
 def _stats_path(out_dir: str, name: str) -> str:
     return os.path.join(out_dir, f".{name}.stats.json")
-
-
-def read_index(out_dir: str) -> dict:
-    path = os.path.join(out_dir, "index.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_index(out_dir: str, index: dict) -> None:
-    path = os.path.join(out_dir, "index.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(index, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def check_duplicate_ids(records: list, file: str, on_error: str) -> tuple:
@@ -182,35 +177,44 @@ def write_split(
 
     index = read_index(out_dir)
     entry = (index.get("splits") or {}).get(split)
-    plan_file = os.path.join(out_dir, f".{split}.plan")
-    existing = sorted(n for n in os.listdir(out_dir) if n.startswith(f"{split}-") and n.endswith(".tar"))
-    if not overwrite and entry and entry.get("plan_hash") == plan_hash and all(
-            os.path.exists(os.path.join(out_dir, n)) for n in names):
+    stage = staging_dir(out_dir, split)
+    plan_file = os.path.join(stage, "plan")
+    if not overwrite and entry and entry.get("plan_hash") == plan_hash and _intact(out_dir, entry, split):
+        if os.path.isdir(stage):
+            shutil.rmtree(stage)  # unpublished work of another conversion, abandoned
         log.info("%s/%s: up to date (%d shards)", out_dir, split, len(names))
         return entry
-    same_plan = os.path.exists(plan_file) and open(plan_file).read().strip() == plan_hash
-    if existing and not same_plan:
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_dir} already holds {split} shards from a different conversion (other input or options); "
-                "pass --overwrite to replace them")
-        for n in os.listdir(out_dir):
-            if n.startswith(f"{split}-") or n.startswith(f".{split}-"):
-                os.remove(os.path.join(out_dir, n))
-    with open(plan_file, "w") as f:
-        f.write(plan_hash + "\n")
-    for n in os.listdir(out_dir):  # temporaries of an interrupted run
-        if n.startswith(f".{split}-") and ".tmp" in n:
-            os.remove(os.path.join(out_dir, n))
+    same_stage = _read_text(plan_file) == plan_hash
+    same_legacy = _read_text(os.path.join(out_dir, f".{split}.plan")) == plan_hash  # writers before staging
+    published = [n for n in os.listdir(out_dir) if n.startswith(f"{split}-") and n.endswith(".tar")]
+    if published and not overwrite and not (same_stage or same_legacy or (entry or {}).get("plan_hash") == plan_hash):
+        raise FileExistsError(
+            f"{out_dir} already holds {split} shards from a different conversion (other input or options); "
+            "pass --overwrite to replace them")
+    if os.path.isdir(stage) and not same_stage:
+        log.info("%s/%s: discarding the unfinished staged shards of another conversion", out_dir, split)
+        shutil.rmtree(stage)  # never published, so nothing that was readable is lost
+    os.makedirs(stage, exist_ok=True)
+    if not same_stage:
+        with open(plan_file + ".tmp", "w") as f:
+            f.write(plan_hash + "\n")
+        os.replace(plan_file + ".tmp", plan_file)
+    for n in os.listdir(stage):  # temporaries of an interrupted run
+        if ".tmp" in n:
+            os.remove(os.path.join(stage, n))
 
     jobs, stats = [], {}
+    publishing = os.path.exists(os.path.join(stage, PUBLISHING))
     for name, idx in zip(names, plan):
-        sp = _stats_path(out_dir, name)
-        if os.path.exists(os.path.join(out_dir, name)) and os.path.exists(sp):
+        sp = _stats_path(stage, name)
+        # finished by an earlier run: still staged, or already moved into place by an interrupted publish (only
+        # then may a shard of that name in the folder be ours: before, it is the old conversion's)
+        if os.path.exists(sp) and (os.path.exists(os.path.join(stage, name))
+                                   or (publishing and os.path.exists(os.path.join(out_dir, name)))):
             with open(sp) as f:
-                stats[name] = json.load(f)  # finished by an earlier run: resume skips it
+                stats[name] = json.load(f)
             continue
-        jobs.append(dict(out_dir=out_dir, name=name, indices=idx, records=[records[i] for i in idx], build=build,
+        jobs.append(dict(out_dir=stage, name=name, indices=idx, records=[records[i] for i in idx], build=build,
                          on_error=on_error, verify=verify, clip_tolerance=clip_tolerance))
     if stats:
         log.info("%s/%s: resuming, %d of %d shards already written", out_dir, split, len(stats), len(names))
@@ -234,18 +238,72 @@ def write_split(
         "plan_hash": plan_hash,
         "source_file": str(source_file),
     }
-    index = read_index(out_dir)  # re-read: another split may have been written meanwhile
-    index.update(schema_version=SCHEMA_VERSION, source=source, kind=kind)
+    top = dict(schema_version=SCHEMA_VERSION, source=source, kind=kind)
     if categories is not None:
-        index["categories"] = categories
-    index.setdefault("splits", {})[split] = entry
-    _write_index(out_dir, index)
-    for n in names:
-        os.remove(_stats_path(out_dir, n))
-    os.remove(plan_file)
+        top["categories"] = categories
+    _publish(out_dir, split, stage, names, entry, top)
     if entry["skipped_total"]:
         log.warning("%s/%s: skipped %d records: %s", out_dir, split, entry["skipped_total"], skipped)
     return entry
+
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _intact(out_dir: str, entry: dict, split: str) -> bool:
+    try:
+        check_listed(out_dir, entry, split)
+        return True
+    except ShardError:
+        return False
+
+
+def _publish(out_dir: str, split: str, stage: str, names: list, entry: dict, top: dict) -> None:
+    """Swap the staged shards in for the split's old ones; the index never lists a shard that is not complete."""
+    index = read_index(out_dir)  # re-read here and below: another split may have been written meanwhile
+    if split in (index.get("splits") or {}):
+        del index["splits"][split]  # from here until the new entry, readers are told the conversion is unfinished
+        write_index(out_dir, index)
+    with open(os.path.join(stage, PUBLISHING), "w"):
+        pass  # from here a shard missing from the stage has been moved into place (see the resume in write_split)
+    for n in os.listdir(out_dir):  # the old conversion's shards beyond the new count, and old-style temporaries
+        if (n.startswith(f"{split}-") and n.endswith(".tar") and n not in names) or n.startswith(f".{split}-"):
+            os.remove(os.path.join(out_dir, n))
+    for n in names:
+        if os.path.exists(os.path.join(stage, n)):  # else moved already by an interrupted publish
+            os.replace(os.path.join(stage, n), os.path.join(out_dir, n))
+    index = read_index(out_dir)
+    index.update(top)
+    index.setdefault("splits", {})[split] = entry
+    write_index(out_dir, index)  # last: the publication point
+    shutil.rmtree(stage)
+    legacy = os.path.join(out_dir, f".{split}.plan")
+    if os.path.exists(legacy):
+        os.remove(legacy)
+
+
+def _ignore_sigint() -> None:
+    """Worker processes leave Ctrl-C to the parent, which stops them (no traceback from every worker)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers now: a shard in progress would otherwise finish first (minutes for large ones).
+    Their temporaries stay in the staging folder and the next run removes them."""
+    stop = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if stop is not None:
+        stop()
+        return
+    for p in list((getattr(pool, "_processes", None) or {}).values()):
+        p.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_jobs(jobs: list, stats: dict, num_workers: Optional[int], progress: bool, desc: str) -> None:
@@ -260,13 +318,16 @@ def _run_jobs(jobs: list, stats: dict, num_workers: Optional[int], progress: boo
                 bar.update(len(job["records"]))
             return
         ctx = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-        with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_ignore_sigint) as pool:
             futures = {pool.submit(_write_shard, job): job for job in jobs}
             try:
                 for fut in as_completed(futures):
                     st = fut.result()  # re-raises a worker's ConversionError with its fields
                     stats[st["name"]] = st
                     bar.update(len(futures[fut]["records"]))
+            except KeyboardInterrupt:
+                _stop_workers(pool)
+                raise
             except BaseException:
                 for fut in futures:
                     fut.cancel()

@@ -52,17 +52,18 @@ def to_pil(image):
     """PIL RGB image from a PIL image, a path, an (H,W,3) uint8 array or a (3,H,W) uint8 / [0,1] float tensor."""
     from PIL import Image
 
+    from ..data.image_io import open_rgb, to_rgb  # one decoder for shards, converters and predict
+
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
         if not p.is_file():
             raise GLIPInputError(f"image {os.fspath(image)!r}: no such file")
         try:
-            with Image.open(p) as im:
-                return im.convert("RGB")
+            return open_rgb(p)
         except Exception as e:  # PIL.UnidentifiedImageError and friends
             raise GLIPInputError(f"image {os.fspath(image)!r}: cannot be read as an image ({e})") from None
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, Tensor):
         t = image.detach().cpu()
         if t.dim() != 3 or t.shape[0] not in (1, 3):

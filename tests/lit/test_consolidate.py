@@ -209,3 +209,31 @@ def test_consolidate_refuses_a_file_and_needs_a_preset(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(OfficialCheckpointError, match="not a directory"):
         consolidate_zero_checkpoint(f, tmp_path / "out.ckpt")
+
+
+def _hand_zero3(tmp_path, extra: int = 0):
+    """A 2-rank ZeRO-3 checkpoint written by hand: ``a`` (3 values) and ``b`` (2x2) split into equal slices, the
+    last slice of ``a`` padded."""
+    tag = tmp_path / "ck" / "t"
+    tag.mkdir(parents=True)
+    (tmp_path / "ck" / "latest").write_text("t")
+    shapes = [{"a": torch.Size([3]), "b": torch.Size([2, 2])}]
+    flats = [torch.tensor([0.0, 1.0, 10.0, 11.0]), torch.tensor([2.0, -1.0, 12.0, 13.0] + [0.0] * extra)]
+    for r, flat in enumerate(flats):
+        torch.save({"module": {"buf": torch.tensor([7])}, "buffer_names": ["buf"], "param_shapes": shapes,
+                    "shared_params": {"a_tied": "a"}}, tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+        torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": 2, "fp32_flat_groups": [flat]}},
+                   tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    return tmp_path / "ck"
+
+
+def test_zero3_partitions_are_joined_per_parameter(tmp_path):
+    from glip_pl.lit.consolidate import read_zero_checkpoint
+
+    sd, _ = read_zero_checkpoint(_hand_zero3(tmp_path))
+    assert torch.equal(sd["a"], torch.tensor([0.0, 1.0, 2.0]))
+    assert torch.equal(sd["b"], torch.tensor([[10.0, 11.0], [12.0, 13.0]]))
+    assert torch.equal(sd["buf"], torch.tensor([7])) and sd["a_tied"] is sd["a"]
+
+    with pytest.raises(OfficialCheckpointError, match="do not belong together"):
+        read_zero_checkpoint(_hand_zero3(tmp_path / "x", extra=2))

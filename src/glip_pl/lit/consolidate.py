@@ -128,9 +128,9 @@ def _zero3_params(param_shapes: list, partitions: list, where: Path) -> dict:
             part = math.ceil(n / world)
             out[name] = torch.cat([f.narrow(0, offset, part) for f in flats]).narrow(0, 0, n).view(shape)
             offset += part
-    if offset != flats[0].numel():
-        raise OfficialCheckpointError(f"{where}: each rank holds {flats[0].numel()} values but the "
-                                      f"parameters need {offset}: the files do not belong together")
+    if any(f.numel() != offset for f in flats):
+        raise OfficialCheckpointError(f"{where}: the ranks hold {[f.numel() for f in flats]} values but the "
+                                      f"parameters need {offset} on each: the files do not belong together")
     return out
 
 
@@ -159,11 +159,15 @@ def read_zero_checkpoint(zero_dir, tag: Optional[str] = None) -> tuple:
     partitions, stage, paddings = [], None, None
     for f in optim_files:
         osd = _get(read_zero_file(f), "optimizer_state_dict", f)
-        stage = int(_get(osd, "zero_stage", f)) if stage is None else stage
-        world = _get(osd, "partition_count", f)
-        world = max(world) if isinstance(world, (list, tuple)) else int(world)  # per group (expert groups differ)
-        key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-        partitions.append([t.detach() for t in _get(osd, key, f)])
+        try:
+            stage = int(_get(osd, "zero_stage", f)) if stage is None else stage
+            world = _get(osd, "partition_count", f)
+            world = max(world) if isinstance(world, (list, tuple)) else int(world)  # per group (expert groups)
+            key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
+            partitions.append([t.detach().reshape(-1) for t in _get(osd, key, f)])
+        except (TypeError, ValueError, AttributeError) as e:
+            raise OfficialCheckpointError(f"{f}: not a DeepSpeed ZeRO optimizer file ({type(e).__name__}: {e})") \
+                from None
         if f == optim_files[0]:
             paddings = osd.get("param_alignment_paddings")
         del osd  # the Adam moments are not needed: drop them before reading the next rank
@@ -185,18 +189,24 @@ def read_zero_checkpoint(zero_dir, tag: Optional[str] = None) -> tuple:
     for key in ("module", "buffer_names", "param_shapes"):
         _get(ms, key, model_files[0])
 
-    sd = OrderedDict((k, v) for k, v in ms["module"].items() if k in set(ms["buffer_names"]))  # buffers
-    frozen = ms.get("frozen_param_shapes") or {}
-    for name, shape in frozen.items():  # not in the optimizer: kept in the model-states file(s)
-        frags = [s["frozen_param_fragments"][name] for s in states]
-        sd[name] = frags[0] if stage < 3 else torch.cat(frags).narrow(0, 0, math.prod(shape)).view(shape)
-    if stage == 3:
-        sd.update(_zero3_params(ms["param_shapes"], partitions, tag_dir))
-    else:
-        sd.update(_zero12_params(ms["param_shapes"], partitions, paddings, tag_dir))
-    for name, source in (ms.get("shared_params") or {}).items():  # tied weights are saved once
-        if source in sd:
-            sd[name] = sd[source]
+    try:
+        sd = OrderedDict((k, v) for k, v in ms["module"].items() if k in set(ms["buffer_names"]))  # buffers
+        frozen = ms.get("frozen_param_shapes") or {}
+        for name, shape in frozen.items():  # not in the optimizer: kept in the model-states file(s)
+            frags = [s["frozen_param_fragments"][name] for s in states]
+            sd[name] = frags[0] if stage < 3 else torch.cat(frags).narrow(0, 0, math.prod(shape)).view(shape)
+        if stage == 3:
+            sd.update(_zero3_params(ms["param_shapes"], partitions, tag_dir))
+        else:
+            sd.update(_zero12_params(ms["param_shapes"], partitions, paddings, tag_dir))
+        for name, source in (ms.get("shared_params") or {}).items():  # tied weights are saved once
+            if source in sd:
+                sd[name] = sd[source]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        if isinstance(e, OfficialCheckpointError):
+            raise
+        raise OfficialCheckpointError(f"{tag_dir}: the ZeRO files do not describe a consistent model "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return sd, ms
 
 

@@ -4,18 +4,18 @@ accelerator, so its steps are replayed with the raw engine, one process over glo
 The DeepSpeed config is what ``DeepSpeedStrategy`` builds from ``recipes/cluster/deepspeed_zero2.yaml`` (the
 strategy object is constructed from the recipe's ``init_args``; Lightning's per-run additions — gradient
 accumulation, micro-batch size, ``gradient_clipping`` from ``trainer.gradient_clip_val`` — are added as
-``_format_batch_size_and_grad_accum_config`` does). The optimizer and schedule are ``GLIPLitModule.configure_optimizers``
-with ``recipes/pretrain/glip_t.yaml``'s model settings on the tiny preset, handed to ``deepspeed.initialize`` as
-``DeepSpeedStrategy._setup_model_and_optimizer`` does; the scheduler is stepped per step by the loop, as Lightning
-does after taking it back from the engine. Precision is fp32: bf16 does not run the tiny model's forward yet
-(model/backbone.py dtype bug, fixed elsewhere). ``warmup_steps`` is set to 0 so that the recipe's learning rates act
-from the first step (the warmup multiplies every group by the same factor).
+``_format_batch_size_and_grad_accum_config`` does). The optimizer and schedule are
+``GLIPLitModule.configure_optimizers`` with ``recipes/pretrain/glip_t.yaml``'s model settings on the tiny preset,
+handed to ``deepspeed.initialize`` as ``DeepSpeedStrategy._setup_model_and_optimizer`` does; the scheduler is stepped
+per step by the loop, as Lightning does after taking it back from the engine. Precision is fp32: bf16 does not run
+the tiny model's forward yet (model/backbone.py dtype bug, fixed elsewhere). ``warmup_steps`` is set to 0 so that the
+recipe's learning rates act from the first step (the warmup multiplies every group by the same factor).
 
 Checked: the parameter groups inside DeepSpeed's optimizer (names, members, lr, weight decay) are the recipe's;
 3 steps give plain torch's losses (the same initial weights, batches and dropout draws; AdamW; clipping at 1.0) to
-1e-5 relative and its weights to 1e-5 absolute; the checkpoint → ``glip-pl consolidate`` → ``load_glip_checkpoint``
-round trip returns DeepSpeed's fp32 master weights exactly. One process is plain torch and DDP alike (DDP's
-all-reduce of one rank is the identity)."""
+1e-5 relative, its weights to 1e-5 absolute and its global gradient norms to 1e-4 relative; the checkpoint →
+``glip-pl consolidate`` → ``load_glip_checkpoint`` round trip returns DeepSpeed's fp32 master weights exactly. One
+process is plain torch and DDP alike (DDP's all-reduce of one rank is the identity)."""
 
 import json
 import os
@@ -63,7 +63,8 @@ WORKER = textwrap.dedent("""\
         prompt = build_detection_prompt(["red circle", "blue square", "green triangle"])
         text, offsets = lit0.model.tokenize([prompt.caption] * 2)
         tmap = spans_to_token_map(prompt.caption, prompt.spans, offsets[0], text.length)
-        boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0]]), torch.tensor([[10.0, 8.0, 50.0, 44.0]])]
+        boxes = [torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 20.0, 70.0, 60.0]]),
+                 torch.tensor([[10.0, 8.0, 50.0, 44.0]])]
         targets = make_targets(boxes, [tmap[[0, 1]], tmap[[2]]], text.length)
         return images, torch.tensor([[h, w], [h - 16, w - 8]]), text, targets
 
@@ -94,7 +95,8 @@ WORKER = textwrap.dedent("""\
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     clip = pretrain["trainer"]["gradient_clip_val"]
     res["expected_groups"] = [{"name": g["name"], "lr": g["lr"], "weight_decay": g["weight_decay"],
-                               "params": sorted(n for n, p in lit0.named_parameters() if any(p is q for q in g["params"]))}
+                               "params": sorted(n for n, p in lit0.named_parameters()
+                                                if any(p is q for q in g["params"]))}
                               for g in opt.param_groups]
     losses, norms = [], []
     for step in range(a["steps"]):

@@ -185,7 +185,10 @@ def swin_repo(name: str) -> str:
     import timm.models
 
     arch_tag = name[len("timm/"):]
-    cfg = timm.models.get_pretrained_cfg(arch_tag)
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch_tag)
+    except RuntimeError:  # a known architecture with an unknown tag
+        cfg = None
     if cfg is None or not cfg.hf_hub_id:
         raise GLIPInputError(
             f"swin__pretrained {name!r}: timm knows no pretrained weights of that name; use e.g. "

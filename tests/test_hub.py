@@ -14,7 +14,14 @@ import torch
 from test_official import official_file, random_official
 
 from glip_pl.cli import main
-from glip_pl.hub import OFFICIAL_WEIGHTS, SWIN_FOR_PRESET, official_checkpoint, resolve_official, resolve_swin
+from glip_pl.hub import (
+    OFFICIAL_WEIGHTS,
+    SWIN_FOR_PRESET,
+    official_checkpoint,
+    resolve_official,
+    resolve_swin,
+    swin_repo,
+)
 from glip_pl.model.backbone import SwinBody
 from glip_pl.model.presets import get_config
 from glip_pl.model.types import GLIPInputError
@@ -150,9 +157,26 @@ def _assert_every_param_from(body: SwinBody, sd: dict) -> None:
         assert torch.equal(p.detach(), sd[src]), name
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "pretrain"
+
+
+def _recipe_swin(name: str) -> tuple:
+    import yaml
+
+    model = yaml.safe_load((RECIPES / name).read_text())["model"]
+    return model["preset"], model["model_options"]["swin__pretrained"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_pretrain_recipes_name_the_timm_swin_of_their_preset(recipe):
+    preset, value = _recipe_swin(recipe)
+    assert value == SWIN_FOR_PRESET[preset]
+    assert swin_repo(value).startswith(f"timm/{get_config(preset).swin.timm_name}.")
+
+
 def test_glip_t_swin_from_a_timm_name_offline(hf_home):
-    """The recipe value for GLIP-T loads timm's weights into glip_pl's Swin with no parameter left out."""
-    recipe_value = SWIN_FOR_PRESET["glip_t"]
+    """The GLIP-T recipe's value loads timm's weights into glip_pl's Swin with no parameter left out."""
+    _, recipe_value = _recipe_swin("glip_t.yaml")
     cfg = get_config("glip_t", swin__pretrained=recipe_value).swin
     sd = _timm_swin_in_cache(hf_home, recipe_value, cfg, seed=1)
     _assert_every_param_from(SwinBody(cfg), sd)

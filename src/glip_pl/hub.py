@@ -92,7 +92,12 @@ class _NotInRepo(Exception):
 def hub_file(repo: str, filename: str, what: str) -> str:
     """Local path of ``repo``/``filename``: from the cache, or downloaded into it when the network is allowed."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     offline = hf_offline()
     try:

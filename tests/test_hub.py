@@ -214,7 +214,8 @@ def test_swin_errors_say_what_to_run(hf_home, tmp_path):
 def test_text_encoder_missing_weights_say_what_to_run(hf_home):
     from glip_pl.model.language import TextEncoder, TextEncoderConfig
 
-    with pytest.raises(GLIPInputError, match=r"run once with network: `hf download bert-base-uncased`"):
+    with pytest.raises(GLIPInputError,
+                       match=r"run once with network: `hf download bert-base-uncased config.json model.safetensors`"):
         TextEncoder(TextEncoderConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                                       pretrained="bert-base-uncased"))
     with pytest.raises(GLIPInputError, match=r"text__pretrained '/path/to/bert-base-uncased': no such directory"):

@@ -104,7 +104,8 @@ class TextEncoder(nn.Module):
         if cfg.pretrained and local is None:
             raise GLIPInputError(
                 f"text encoder weights {cfg.pretrained!r}: not a local directory and not in the local HF cache; "
-                f"run once with network: `{download_command(cfg.pretrained)}` (fills the cache), or pass a path"
+                f"run once with network: `{download_command(cfg.pretrained, 'config.json', 'model.safetensors')}` "
+                "(fills the cache), or pass a path"
             )
         if local is not None:
             self.model = BertModel.from_pretrained(local, add_pooling_layer=False, local_files_only=True)

@@ -220,3 +220,36 @@ def test_text_encoder_missing_weights_say_what_to_run(hf_home):
                                       pretrained="bert-base-uncased"))
     with pytest.raises(GLIPInputError, match=r"text__pretrained '/path/to/bert-base-uncased': no such directory"):
         TextEncoder(TextEncoderConfig(pretrained="/path/to/bert-base-uncased"))
+
+
+def test_online_resolution_downloads_and_falls_back_to_timm_bin(hf_home, monkeypatch, tmp_path):
+    """With the network allowed, names go to ``hf_hub_download`` (not cache-only); a repo without
+    model.safetensors falls back to pytorch_model.bin as timm does; an unreachable Hub is a clear error."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    calls = []
+    weights = tmp_path / "pytorch_model.bin"
+    weights.write_bytes(b"weights")
+
+    def fake_download(repo, filename, cache_dir=None, local_files_only=False):
+        calls.append((repo, filename, cache_dir, local_files_only))
+        if filename == "model.safetensors":
+            err = RemoteEntryNotFoundError.__new__(RemoteEntryNotFoundError)  # needs an HTTP response otherwise
+            Exception.__init__(err, "404")
+            raise err
+        return str(weights)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_swin("timm/swin_tiny_patch4_window7_224") == str(weights)
+    repo = "timm/swin_tiny_patch4_window7_224.ms_in1k"
+    assert calls == [(repo, "model.safetensors", str(hf_home), False), (repo, "pytorch_model.bin", str(hf_home), False)]
+
+    def no_network(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(GLIPInputError, match=r"not in the Hugging Face cache .* and the Hub cannot be reached; run "
+                                             r"once with network: `hf download GLIPModel/GLIP glip_a_tiny_o365.pth`"):
+        resolve_official("glip_t_a")

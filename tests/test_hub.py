@@ -253,3 +253,15 @@ def test_online_resolution_downloads_and_falls_back_to_timm_bin(hf_home, monkeyp
     with pytest.raises(GLIPInputError, match=r"not in the Hugging Face cache .* and the Hub cannot be reached; run "
                                              r"once with network: `hf download GLIPModel/GLIP glip_a_tiny_o365.pth`"):
         resolve_official("glip_t_a")
+
+
+def test_hub_imports_no_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, glip_pl.hub as h; h.official_weights('glip_t');"
+            "bad=[k for k in sys.modules if k.split('.')[0] in ('lightning','pytorch_lightning','deepspeed')"
+            " or k.startswith('glip_pl.lit')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -53,6 +53,7 @@ def hf_home(tmp_path, monkeypatch):
     """An empty offline HF cache and glip_pl cache, read from the environment at call time."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("GLIP_PL_CACHE", str(tmp_path / "glip_pl_cache"))
     hub = tmp_path / "hf" / "hub"

@@ -57,11 +57,13 @@ TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def hf_cache_dir() -> Optional[str]:
-    """The hub cache the environment names now (``HF_HUB_CACHE``, else ``HF_HOME``/hub); None = the library default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
+    """The hub cache the environment names now (``HF_HUB_CACHE`` or its older spelling, else ``HF_HOME``/hub), in
+    huggingface_hub's order; None = the library default."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.path.expandvars(os.environ[var]))
     if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
+        return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub")
     return None
 
 

@@ -158,13 +158,15 @@ def resolve_official(name: str) -> str:
 def official_checkpoint(name: str, use_ema: bool = False) -> str:
     """A glip_pl checkpoint of a released GLIP model: converted once (``import_official``), then reused.
 
-    The converted file is named after the downloaded blob, so a new upstream revision is converted again.
+    The converted file is named after the downloaded blob (its content hash), or the snapshot's revision where the
+    cache holds copies instead of links, so a changed upstream file is converted again.
     """
     from .official import import_official
 
     w = official_weights(name)
     src = resolve_official(name)
-    blob = Path(src).resolve().name[:16]
+    real = Path(src).resolve()
+    blob = (real.name if real != Path(src).absolute() else Path(src).parent.name)[:16]
     out = glip_pl_cache_dir() / "official" / f"{Path(w.filename).stem}-{blob}{'-ema' if use_ema else ''}.ckpt"
     if out.is_file():
         return str(out)

@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def _import(args) -> int:
+    from .hub import OFFICIAL_WEIGHTS, is_official_name, official_weights, resolve_official
+    from .model.types import GLIPInputError
     from .official import OfficialCheckpointError, import_official
 
     try:
-        report = import_official(args.src, args.out, args.preset, use_ema=args.ema)
-    except OfficialCheckpointError as e:
+        src, preset = args.src, args.preset
+        if is_official_name(src) and not Path(src).is_file():
+            known = official_weights(src)
+            if preset is not None and preset != known.preset:
+                raise GLIPInputError(f"{src!r} is a {known.preset!r} checkpoint ({known.description}); "
+                                     f"--preset {preset} does not fit it (leave --preset out)")
+            preset = known.preset
+            src = resolve_official(src)
+            print(f"{args.src}: {known.description} -> {src}")
+        elif not Path(src).is_file():
+            known = ", ".join(OFFICIAL_WEIGHTS)
+            raise GLIPInputError(f"{src!r}: no such checkpoint file, and not a released model's name ({known})")
+        elif preset is None:
+            raise GLIPInputError(f"{src!r}: --preset is needed for a checkpoint file (a released model's name, "
+                                 "e.g. glip_t, brings its own)")
+        report = import_official(src, args.out, preset, use_ema=args.ema)
+    except (OfficialCheckpointError, GLIPInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary(limit=args.limit))
-    print(f"wrote {args.out} (preset {args.preset}, official_compat=True{', EMA weights' if args.ema else ''})")
+    print(f"wrote {args.out} (preset {preset}, official_compat=True{', EMA weights' if args.ema else ''})")
     return 0
 
 
@@ -31,6 +49,7 @@ def _export(args) -> int:
 
 
 def register(subparsers) -> None:
+    from .hub import OFFICIAL_WEIGHTS
     from .model.presets import PRESETS
 
     p = subparsers.add_parser(
@@ -41,9 +60,11 @@ def register(subparsers) -> None:
         "checkpoint built with official_compat=True. Anything missing or unexpected outside the documented "
         "ignore list is an error (docs/official_compat.md).",
     )
-    p.add_argument("src", help="official checkpoint (.pth)")
+    p.add_argument("src", help="official checkpoint (.pth), or a released model's name ("
+                   + ", ".join(OFFICIAL_WEIGHTS) + ") fetched from the Hugging Face Hub cache")
     p.add_argument("out", help="glip_pl checkpoint to write")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="architecture of the checkpoint")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="architecture of the checkpoint (needed for a file; a name brings its own)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema) instead of model")
     p.add_argument("--limit", type=int, default=20, help="list at most this many names per problem kind")
     p.set_defaults(func=_import)

@@ -237,6 +237,15 @@ class Predictor:
         """Build the model a checkpoint describes (see the module docstring for loaders) and wrap it."""
         return cls(load_model(path, loader), **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, name: str, use_ema: bool = False, **kwargs) -> "Predictor":
+        """A released GLIP model by name (``glip_t``, ``glip_t_a``, ``glip_l``, ...; ``glip_pl.hub.OFFICIAL_WEIGHTS``):
+        the official file comes from the Hugging Face cache (downloaded once when the network is allowed) and is
+        converted into a glip_pl checkpoint once (``glip_pl.hub.official_checkpoint``)."""
+        from ..hub import official_checkpoint
+
+        return cls.from_checkpoint(official_checkpoint(name, use_ema=use_ema), loader="glip_pl", **kwargs)
+
     # ---------------------------------------------------------------- inputs
     def prepare(self, image) -> tuple:
         """(uint8 (3,h,w) tensor at network size, (H, W) original size)."""

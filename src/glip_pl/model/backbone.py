@@ -33,7 +33,7 @@ class SwinConfig:
     window_size: int = 7
     drop_path_rate: float = 0.2
     frozen_stages: int = -1  # official FREEZE_CONV_BODY_AT: 2 freezes patch_embed + stage 1 (GLIP-L)
-    pretrained: Optional[str] = None  # local file with ImageNet Swin weights (timm or Microsoft format)
+    pretrained: Optional[str] = None  # ImageNet Swin weights: a local file (timm or Microsoft format) or a hub name
     timm_name: str = "swin_tiny_patch4_window7_224"
     extra: dict = field(default_factory=dict)
 
@@ -102,8 +102,13 @@ class SwinBody(nn.Module):
             **cfg.extra,
         )
         if cfg.pretrained:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=cfg.pretrained))
-            log.info("swin: loading ImageNet weights from %s", cfg.pretrained)
+            from ..hub import resolve_swin
+
+            # a hub name becomes its cached file, so both kinds load through timm's file route (and its
+            # checkpoint filter, which also reads the official Microsoft key layout)
+            weights = resolve_swin(cfg.pretrained, timm_name=cfg.timm_name)
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights))
+            log.info("swin: loading ImageNet weights from %s", weights)
         self.swin = timm.create_model(cfg.timm_name, **kwargs)
         chans = cfg.out_channels
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(c) for c in chans)

@@ -34,7 +34,9 @@ def _local_hf_dir(name_or_path: str) -> Optional[str]:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(name_or_path, local_files_only=True)
+        from ..hub import hf_cache_dir
+
+        return snapshot_download(name_or_path, local_files_only=True, cache_dir=hf_cache_dir())
     except Exception:  # not cached (or hub library refuses offline): caller falls back
         return None
 
@@ -92,12 +94,18 @@ class TextEncoder(nn.Module):
         super().__init__()
         from transformers import BertConfig, BertModel
 
+        from ..hub import download_command
+
         self.cfg = cfg
         local = _local_hf_dir(cfg.pretrained) if cfg.pretrained else None
+        if cfg.pretrained and local is None and cfg.pretrained.startswith(("/", ".", "~")):
+            raise GLIPInputError(f"text__pretrained {cfg.pretrained!r}: no such directory; give a folder with the "
+                                 f"model files or a Hub name such as {BERT_BASE} (in the Hugging Face cache)")
         if cfg.pretrained and local is None:
             raise GLIPInputError(
                 f"text encoder weights {cfg.pretrained!r}: not a local directory and not in the local HF cache; "
-                "download them once (e.g. `huggingface-cli download bert-base-uncased`) or pass a path"
+                f"run once with network: `{download_command(cfg.pretrained, 'config.json', 'model.safetensors')}` "
+                "(fills the cache), or pass a path"
             )
         if local is not None:
             self.model = BertModel.from_pretrained(local, add_pooling_layer=False, local_files_only=True)

@@ -69,3 +69,47 @@ def test_compiled_head_equals_eager():
             torch.testing.assert_close(grads_c[k], grads_e[k], atol=1e-4, rtol=1e-3, msg=k)
         seen.append(len(graphs))
     assert 0 < seen[0] < seen[1], seen  # the head was compiled, and recompiled for the new shapes
+
+
+def test_compiled_training_step_equals_eager_in_one_graph():
+    """``compile_step``: the training forward + loss compiled whole (train mode, an image without boxes): one graph
+    (no break), the eager loss terms and gradients, unchanged parameter names; compile_head with it is refused."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from glip_pl.model.types import GLIPInputError
+
+    opts = {"deform_conv": "torchvision"}
+    torch.manual_seed(0)
+    eager = GLIPLitModule(preset="tiny", model_options=opts).train()
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, counting the graphs TorchDynamo hands over
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = GLIPLitModule(preset="tiny", model_options=opts, compile_step=True,
+                             compile_options={"backend": backend}).train()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    images, sizes, text, targets = _batch(eager.model, 64, 96, ["red circle", "blue square"])
+    targets.valid[1] = False  # image 1 has no box
+    batch = SimpleNamespace(images=images, image_sizes=sizes, text=text, targets=targets)
+    results = []
+    for module in (eager, compiled):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the text encoder's dropout draws the same numbers in both
+        terms = module._train_terms(batch)
+        module.model.criterion.total(terms).backward()
+        results.append((terms, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    assert len(graphs) == 1  # forward + loss in one graph: no graph break anywhere in the step
+    (terms_e, grads_e), (terms_c, grads_c) = results
+    assert terms_e["loss_reg"] > 0
+    for k in terms_e:
+        torch.testing.assert_close(terms_c[k], terms_e[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert set(grads_c) == set(grads_e)
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], atol=1e-4, rtol=1e-3, msg=k)
+    with pytest.raises(GLIPInputError, match="exclude each other"):
+        GLIPLitModule(preset="tiny", compile_head=True, compile_step=True)

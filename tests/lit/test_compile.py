@@ -1,5 +1,6 @@
 """``model.compile_head``: the fusion head compiled with torch.compile gives the eager model's outputs and gradients,
 keeps parameter names (checkpoints interchange), and recompiles for a new image size / prompt length.
+``model.compile_step``: the whole training forward + loss compiles as one graph with eager's loss and gradients.
 
 The test traces with TorchDynamo + AOTAutograd (backend ``aot_eager``: graph capture, functionalisation,
 decompositions, the compiled backward) — where our code's compile-friendliness is decided. Inductor's code
@@ -11,6 +12,7 @@ The model uses torchvision's deformable conv kernel (``deform_conv: torchvision`
 compile pays: tracing the CPU default (the grid_sample form) also passes this test but took 133 s instead of 79 s
 on the 2-core machine."""
 
+import lightning as L
 import torch
 
 from glip_pl.lit.module import GLIPLitModule
@@ -97,7 +99,9 @@ def test_compiled_training_step_equals_eager_in_one_graph():
     targets.valid[1] = False  # image 1 has no box
     batch = SimpleNamespace(images=images, image_sizes=sizes, text=text, targets=targets)
     results = []
-    for module in (eager, compiled):
+    for module in (eager, compiled):  # attached to a Trainer: the loss's reduce_mean hook asks it for world_size
+        module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=False, enable_model_summary=False)
         module.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the text encoder's dropout draws the same numbers in both
         terms = module._train_terms(batch)

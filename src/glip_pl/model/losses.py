@@ -7,8 +7,8 @@ Returns named, UNWEIGHTED terms; ``GroundingCriterion.weights`` is the one place
 Normalisers are averaged across ranks through ``reduce_mean`` (identity by default; the training shell sets an
 all-reduce average), called exactly once per forward on every rank, positives or not.
 
-Fixed shapes (issue 22): every term is computed for all B*N anchors (and B*N*T token entries) and masked by
-multiplication, never by boolean indexing or ``nonzero``, so the whole loss traces into one graph under
+Fixed shapes (issue 22): every term is computed for all B*N anchors (and B*N*T token entries) and masked with
+``torch.where`` or a 0/1 weight, never by boolean indexing or ``nonzero``, so the whole loss traces into one graph under
 ``torch.compile(fullgraph=True)`` and makes no data-dependent host sync. Masked-out inputs are replaced by safe
 values before the maths (0 logits, the anchor as its own GT box), so they get exactly zero gradient and cannot turn
 a sum into NaN. ``criterion_reference`` keeps the indexed per-image form the vectorised one is tested against.

@@ -1,5 +1,6 @@
 """``model.compile_head``: the fusion head compiled with torch.compile gives the eager model's outputs and gradients,
 keeps parameter names (checkpoints interchange), and recompiles for a new image size / prompt length.
+``model.compile_step``: the whole training forward + loss compiles as one graph with eager's loss and gradients.
 
 The test traces with TorchDynamo + AOTAutograd (backend ``aot_eager``: graph capture, functionalisation,
 decompositions, the compiled backward) — where our code's compile-friendliness is decided. Inductor's code
@@ -11,6 +12,7 @@ The model uses torchvision's deformable conv kernel (``deform_conv: torchvision`
 compile pays: tracing the CPU default (the grid_sample form) also passes this test but took 133 s instead of 79 s
 on the 2-core machine."""
 
+import lightning as L
 import torch
 
 from glip_pl.lit.module import GLIPLitModule
@@ -69,3 +71,49 @@ def test_compiled_head_equals_eager():
             torch.testing.assert_close(grads_c[k], grads_e[k], atol=1e-4, rtol=1e-3, msg=k)
         seen.append(len(graphs))
     assert 0 < seen[0] < seen[1], seen  # the head was compiled, and recompiled for the new shapes
+
+
+def test_compiled_training_step_equals_eager_in_one_graph():
+    """``compile_step``: the training forward + loss compiled whole (train mode, an image without boxes): one graph
+    (no break), the eager loss terms and gradients, unchanged parameter names; compile_head with it is refused."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from glip_pl.model.types import GLIPInputError
+
+    opts = {"deform_conv": "torchvision"}
+    torch.manual_seed(0)
+    eager = GLIPLitModule(preset="tiny", model_options=opts).train()
+    graphs = []
+
+    def backend(gm, example_inputs):  # aot_eager, counting the graphs TorchDynamo hands over
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = GLIPLitModule(preset="tiny", model_options=opts, compile_step=True,
+                             compile_options={"backend": backend}).train()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    images, sizes, text, targets = _batch(eager.model, 64, 96, ["red circle", "blue square"])
+    targets.valid[1] = False  # image 1 has no box
+    batch = SimpleNamespace(images=images, image_sizes=sizes, text=text, targets=targets)
+    results = []
+    for module in (eager, compiled):  # attached to a Trainer: the loss's reduce_mean hook asks it for world_size
+        module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=False, enable_model_summary=False)
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the text encoder's dropout draws the same numbers in both
+        terms = module._train_terms(batch)
+        module.model.criterion.total(terms).backward()
+        results.append((terms, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}))
+    assert len(graphs) == 1  # forward + loss in one graph: no graph break anywhere in the step
+    (terms_e, grads_e), (terms_c, grads_c) = results
+    assert terms_e["loss_reg"] > 0
+    for k in terms_e:
+        torch.testing.assert_close(terms_c[k], terms_e[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert set(grads_c) == set(grads_e)
+    for k in grads_e:
+        torch.testing.assert_close(grads_c[k], grads_e[k], atol=1e-4, rtol=1e-3, msg=k)
+    with pytest.raises(GLIPInputError, match="exclude each other"):
+        GLIPLitModule(preset="tiny", compile_head=True, compile_step=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glip_pl.model.anchors import make_anchors
+from glip_pl.model.atss import atss_assign
 from glip_pl.model.box_coder import BoxCoder
 from glip_pl.model.losses import GroundingCriterion, criterion_reference
 from glip_pl.model.types import GLIPInputError, GroundingOutputs, Targets
@@ -377,3 +378,85 @@ def test_box_weight_vectorised_equals_per_image_reference(seed):
     params = [outputs.logits, outputs.box_regression, outputs.centerness]
     for a, b in zip(torch.autograd.grad(crit.total(fast), params), torch.autograd.grad(crit.total(slow), params)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ fixed shapes (issue 22, compile)
+
+
+def test_giou_on_whole_tensors_equals_torchvision_values_and_grads():
+    """``_giou_loss`` (no boolean indexing) against torchvision's function: overlapping, disjoint, touching,
+    inverted (flattened first) and degenerate boxes, values and gradients."""
+    import torchvision
+
+    from glip_pl.model.losses import _flatten_inverted, _giou_loss
+
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(64, 2, generator=g) * 50
+    pred = torch.cat([xy, xy + torch.randn(64, 2, generator=g) * 20], -1)  # some inverted
+    xy = torch.rand(64, 2, generator=g) * 50
+    gt = torch.cat([xy, xy + torch.rand(64, 2, generator=g) * 30], -1)
+    pred[0] = gt[0] + torch.tensor([gt[0, 2] - gt[0, 0], 0.0, gt[0, 2] - gt[0, 0], 0.0])  # touching edge
+    pred[1] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # a point
+    gt[2] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # a zero-area GT
+    p1, p2 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    ours = _giou_loss(p1, gt)
+    theirs = torchvision.ops.generalized_box_iou_loss(_flatten_inverted(p2), gt, reduction="none")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    (ours * torch.arange(64.0)).sum().backward()
+    (theirs * torch.arange(64.0)).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=0, atol=0)
+
+
+def test_masked_out_entries_cannot_leak_into_the_loss_or_its_gradient():
+    """Masked terms are computed for every anchor and token; what is masked out (padding tokens, background anchors)
+    must not change the loss nor get a gradient, even when those outputs are NaN or huge."""
+    outputs, targets = _random_case(0, plus_one=False)
+    crit = GroundingCriterion(BoxCoder())
+    base = crit(outputs, targets)
+    pos = atss_assign(outputs.anchors, outputs.num_anchors_per_level, targets.boxes, targets.valid) >= 0
+    assert pos.any() and not pos.all()
+    logits = outputs.logits.detach().clone()
+    logits[~outputs.text_mask[:, None, :].expand_as(logits)] = float("nan")
+    deltas = outputs.box_regression.detach().clone()
+    deltas[~pos] = float("nan")
+    ctr = outputs.centerness.detach().clone()
+    ctr[~pos] = 1e30
+    bad = GroundingOutputs(logits=logits.requires_grad_(), box_regression=deltas.requires_grad_(),
+                           centerness=ctr.requires_grad_(), anchors=outputs.anchors,
+                           level_sizes=outputs.level_sizes, text_mask=outputs.text_mask)
+    got = crit(bad, targets)
+    for k in base:
+        assert got[k].item() == pytest.approx(base[k].item(), rel=1e-6), k
+    crit.total(got).backward()
+    assert (bad.logits.grad[~outputs.text_mask[:, None, :].expand_as(logits)] == 0).all()
+    assert (bad.box_regression.grad[~pos] == 0).all() and (bad.centerness.grad[~pos] == 0).all()
+    assert torch.isfinite(bad.box_regression.grad).all() and torch.isfinite(bad.logits.grad).all()
+
+
+def test_targets_without_any_box_column():
+    """M = 0 (no image of the batch has a box): only the token loss, as with all boxes invalid."""
+    outputs, targets = _tiny(valid=False)
+    empty = Targets(boxes=torch.zeros(2, 0, 4), valid=torch.zeros(2, 0, dtype=torch.bool),
+                    positive_map=torch.zeros(2, 0, 4))
+    crit = _criterion()
+    got, want = crit(outputs, empty), crit(outputs, targets)
+    for k in want:
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-6), k
+
+
+def test_bad_box_weights_stop_a_compiled_criterion_too():
+    """Under torch.compile the value check is a device-side assert (a Python ``if`` would break the graph): the same
+    message, raised by the compiled graph. (aot_eager: TorchDynamo + AOTAutograd, no code generation.)"""
+    from dataclasses import replace
+
+    outputs, targets = _tiny()
+    crit = _criterion()
+    compiled = torch.compile(crit, backend="aot_eager", fullgraph=True)
+    w = torch.ones(targets.valid.shape)
+    ok = compiled(outputs, replace(targets, box_weight=w))
+    want = crit(outputs, replace(targets, box_weight=w))
+    for k in want:
+        assert ok[k].item() == pytest.approx(want[k].item(), rel=1e-5), k
+    w[1, 0] = -1.0
+    with pytest.raises(RuntimeError, match="box_weight must be finite and >= 0"):
+        compiled(outputs, replace(targets, box_weight=w))

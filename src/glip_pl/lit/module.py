@@ -63,11 +63,15 @@ class GLIPLitModule(L.LightningModule):
         max_bad_steps: int = 5,
         compile_head: bool = False,
         compile_options: Optional[dict] = None,
+        compile_step: bool = False,
     ):
         """``compile_head``: ``torch.compile`` the fusion head (VL-DyHead, most of the step's time) in place, so
         parameter names and checkpoints do not change; ``compile_options`` go to ``torch.compile`` (``mode``,
         ``dynamic``, ``backend``). Shapes vary with the image size and the prompt length: after the first
-        recompile the compiler marks those dimensions dynamic. ``val_per_class``: also print each val category's AP
+        recompile the compiler marks those dimensions dynamic. ``compile_step``: ``torch.compile`` the whole training
+        forward + loss (``forward_loss``) instead, as one graph (no graph break or data-dependent host sync:
+        tests/model/test_graph_breaks.py), with the same ``compile_options`` (default backend inductor); checkpoints
+        do not change either. Validation stays eager. ``val_per_class``: also print each val category's AP
         (AP50, AP75, instances) and log it as ``val/AP_per_class/<category id>``."""
         super().__init__()
         if schedule not in SCHEDULES:
@@ -81,8 +85,12 @@ class GLIPLitModule(L.LightningModule):
 
             load_model_weights(self.model, init_weights, preset=preset)
         self.model.criterion.reduce_mean = self._reduce_mean
+        if compile_head and compile_step:
+            raise GLIPInputError("model.compile_head and model.compile_step exclude each other (compile_step "
+                                 "compiles the head too, with the rest of the forward and the loss)")
         if compile_head:
             self.model.head.compile(**(compile_options or {}))
+        self._compiled_forward_loss = None  # built on first use by compile_step
         self._val_gt: list = []
         self._val_dt: list = []
         self._t_last: Optional[float] = None
@@ -106,11 +114,22 @@ class GLIPLitModule(L.LightningModule):
     def forward(self, batch):
         return self.model(batch.images, batch.image_sizes, batch.text)
 
+    def forward_loss(self, images, image_sizes, text, targets) -> dict:
+        """Model forward + the criterion's unweighted terms: what ``compile_step`` compiles."""
+        return self.model.loss(self.model(images, image_sizes, text), targets)
+
+    def _train_terms(self, batch) -> dict:
+        fn = self.forward_loss
+        if self.hparams.get("compile_step"):
+            if self._compiled_forward_loss is None:
+                self._compiled_forward_loss = torch.compile(fn, **(self.hparams.get("compile_options") or {}))
+            fn = self._compiled_forward_loss
+        return fn(batch.images, batch.image_sizes, batch.text, batch.targets)
+
     def training_step(self, batch, batch_idx):
         self._record_ids(batch)
         self._check_skips(batch)
-        outputs = self(batch)
-        terms = self.model.loss(outputs, batch.targets)
+        terms = self._train_terms(batch)
         total = self.model.criterion.total(terms)
         bs = len(batch)
         if not self._all_finite(total):

@@ -6,6 +6,12 @@ P positive anchors of the whole batch.
 Returns named, UNWEIGHTED terms; ``GroundingCriterion.weights`` is the one place the weights live (DESIGN.md 9).
 Normalisers are averaged across ranks through ``reduce_mean`` (identity by default; the training shell sets an
 all-reduce average), called exactly once per forward on every rank, positives or not.
+
+Fixed shapes (issue 22): every term is computed for all B*N anchors (and B*N*T token entries) and masked with
+``torch.where`` or a 0/1 weight, never by boolean indexing or ``nonzero``, so the whole loss traces into one graph under
+``torch.compile(fullgraph=True)`` and makes no data-dependent host sync. Masked-out inputs are replaced by safe
+values before the maths (0 logits, the anchor as its own GT box), so they get exactly zero gradient and cannot turn
+a sum into NaN. ``criterion_reference`` keeps the indexed per-image form the vectorised one is tested against.
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ def ignored_tokens(anchors_N4: Tensor, ignore_boxes: Tensor, ignore_valid: Tenso
 
 
 def _ignore_inputs(targets: Targets, B: int, T: int, device) -> Optional[tuple]:
-    """Checked (boxes, valid, map) of the targets' ignore regions padded to T tokens, or None when there are none."""
+    """Checked (boxes, valid, map) of the targets' ignore regions padded to T tokens, or None when there are none.
+
+    All-padding regions (no ``valid`` entry) are not special-cased: they ignore nothing, and testing for them would be
+    a host sync."""
     if targets.ignore_boxes is None and targets.ignore_map is None and targets.ignore_valid is None:
         return None
     if targets.ignore_boxes is None or targets.ignore_map is None or targets.ignore_valid is None:
@@ -64,7 +73,7 @@ def _ignore_inputs(targets: Targets, B: int, T: int, device) -> Optional[tuple]:
         raise GLIPInputError(f"targets.ignore_valid must be (B={B}, K={K}), got {tuple(valid.shape)}")
     if imap.dim() != 3 or imap.shape[:2] != (B, K) or imap.shape[-1] > T:
         raise GLIPInputError(f"targets.ignore_map must be (B={B}, K={K}, T<={T}), got {tuple(imap.shape)}")
-    if K == 0 or not bool(valid.any()):
+    if K == 0:
         return None
     return boxes.to(device), valid.to(device), F.pad(imap, (0, T - imap.shape[-1])).to(device)
 
@@ -76,16 +85,40 @@ def _box_weights(targets: Targets, B: int, M: int) -> Tensor:
     w = targets.box_weight.float()
     if tuple(w.shape) != (B, M):
         raise GLIPInputError(f"targets.box_weight must be (B={B}, M={M}), got {tuple(w.shape)}")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise GLIPInputError("targets.box_weight must be finite and >= 0")
+    ok_msg = "targets.box_weight must be finite and >= 0"
+    if torch.compiler.is_compiling():  # a device-side check: a Python `if` on a tensor would break the graph
+        torch._assert_async(torch.isfinite(w).all() & (w >= 0).all(), ok_msg)
+    elif not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise GLIPInputError(ok_msg)
     return w.to(targets.boxes.device)
 
 
-def _giou_loss(pred_P4: Tensor, gt_P4: Tensor) -> Tensor:
-    """1 - GIoU per pair, (P,); a decoded box with x2 < x1 is flattened to zero width first (as the official)."""
-    x1, y1, x2, y2 = pred_P4.unbind(-1)
-    pred = torch.stack([x1, y1, torch.maximum(x1, x2), torch.maximum(y1, y2)], dim=-1)
-    return torchvision.ops.generalized_box_iou_loss(pred, gt_P4, reduction="none")
+def _flatten_inverted(pred_4: Tensor) -> Tensor:
+    """A decoded box with x2 < x1 (or y2 < y1) flattened to zero width (height), as the official loss does."""
+    x1, y1, x2, y2 = pred_4.unbind(-1)
+    return torch.stack([x1, y1, torch.maximum(x1, x2), torch.maximum(y1, y2)], dim=-1)
+
+
+def _giou_loss(pred_4: Tensor, gt_4: Tensor, eps: float = 1e-7) -> Tensor:
+    """1 - GIoU per pair, (...,): ``torchvision.ops.generalized_box_iou_loss``'s arithmetic (same eps) on whole
+    tensors; torchvision fills the intersection through a boolean mask (a data-dependent shape under compile), here
+    ``torch.where`` does (the same values and the same zero gradient outside the overlap)."""
+    pred = _flatten_inverted(pred_4)
+    x1, y1, x2, y2 = pred.unbind(-1)
+    x1g, y1g, x2g, y2g = gt_4.unbind(-1)
+    xk1, yk1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xk2, yk2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    overlap = (yk2 > yk1) & (xk2 > xk1)
+    inter = torch.where(overlap, (xk2 - xk1) * (yk2 - yk1), torch.zeros_like(x1))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    area_c = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (area_c - union) / (area_c + eps))
+
+
+def _giou_loss_torchvision(pred_P4: Tensor, gt_P4: Tensor) -> Tensor:
+    """The same with torchvision's own function (boolean indexing inside): the reference path's version."""
+    return torchvision.ops.generalized_box_iou_loss(_flatten_inverted(pred_P4), gt_P4, reduction="none")
 
 
 class GroundingCriterion(nn.Module):
@@ -190,28 +223,30 @@ class GroundingCriterion(nn.Module):
             sel = mask[:, None, :].expand(B, N, T)
             if ignore is not None:  # no negative loss inside ignore regions (positive targets still train)
                 sel = sel & ~(ignored_tokens(anchors, *ignore) & (token_tgt == 0))
-            token_sum = torchvision.ops.sigmoid_focal_loss(
-                logits[sel], token_tgt[sel], alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+            focal = torchvision.ops.sigmoid_focal_loss(
+                torch.where(sel, logits, torch.zeros_like(logits)), token_tgt, alpha=self.focal_alpha,
+                gamma=self.focal_gamma, reduction="none",
             )
+            token_sum = torch.where(sel, focal, torch.zeros_like(focal)).sum()
 
-            # Regression and centerness on the P positives of the whole batch, each weighted by its box's weight
-            # (and normalised by the weighted sums: a weight-0 box neither trains nor dilutes these terms).
-            b_idx, n_idx = pos.nonzero(as_tuple=True)
-            m_idx = matched[b_idx, n_idx]
-            gt = boxes[b_idx, m_idx]  # (P, 4)
-            w = bw[b_idx, m_idx]  # (P,)
-            anc = anchors[n_idx]
-            ctr_tgt = centerness_targets(anc, gt)
+            # Regression and centerness on the positives of the whole batch, each weighted by its box's weight (and
+            # normalised by the weighted sums: a weight-0 box neither trains nor dilutes these terms). Computed for
+            # all B*N anchors; a background anchor gets weight 0 and itself as its GT box, so its terms are finite.
+            if boxes.shape[1] == 0:  # no GT column to gather from (every anchor is background anyway)
+                boxes, bw = boxes.new_zeros(B, 1, 4), bw.new_zeros(B, 1)
+            anc = anchors[None].expand(B, N, 4)
+            m_idx = matched.clamp(min=0)
+            gt = torch.where(pos[..., None], torch.gather(boxes, 1, m_idx[..., None].expand(B, N, 4)), anc)
+            w = torch.gather(bw, 1, m_idx) * pos  # (B, N), 0 off the positives
+            ctr_tgt = torch.where(pos, centerness_targets(anc.reshape(-1, 4), gt.reshape(-1, 4)).view(B, N),
+                                  torch.zeros_like(w))
             num_pos_avg, ctr_avg, w_avg = self._normalisers(pos.sum(), (w * ctr_tgt).sum(), w.sum(), reduce_mean)
 
-            if b_idx.numel() == 0:
-                reg_sum = deltas.sum() * 0.0
-                ctr_loss_sum = ctr.sum() * 0.0
-            else:
-                pred = self.box_coder.decode(deltas[b_idx, n_idx], anc)
-                reg_sum = (_giou_loss(pred, gt) * ctr_tgt * w).sum()
-                ctr_bce = F.binary_cross_entropy_with_logits(ctr[b_idx, n_idx], ctr_tgt, reduction="none")
-                ctr_loss_sum = (ctr_bce * w).sum()
+            pred = self.box_coder.decode(torch.where(pos[..., None], deltas, torch.zeros_like(deltas)), anc)
+            reg_sum = (_giou_loss(pred, gt) * ctr_tgt * w).sum()
+            ctr_bce = F.binary_cross_entropy_with_logits(
+                torch.where(pos, ctr, torch.zeros_like(ctr)), ctr_tgt, reduction="none")
+            ctr_loss_sum = (ctr_bce * w).sum()
         return {
             "loss_token": token_sum / num_pos_avg,
             "loss_reg": reg_sum / ctr_avg,
@@ -265,7 +300,7 @@ def criterion_reference(
         anc = anchors[pos]
         ct = centerness_targets(anc, gt)
         pred = criterion.box_coder.decode(deltas[b][pos], anc)
-        reg_sum = reg_sum + (wt * _giou_loss(pred, gt) * ct).sum()
+        reg_sum = reg_sum + (wt * _giou_loss_torchvision(pred, gt) * ct).sum()
         ctr_loss_sum = ctr_loss_sum + (wt * F.binary_cross_entropy_with_logits(ctr[b][pos], ct, reduction="none")).sum()
         num_pos += int(pos.sum())
         ctr_tgt_sum = ctr_tgt_sum + (wt * ct).sum()

@@ -246,9 +246,9 @@ def test_sigterm_and_sigkill_then_restart_label_every_caption_exactly_once(pretr
     assert p.returncode == 0, err[-3000:]
     assert "resuming, 2 of its 3 shards already labelled" in err
     assert finished() == names and not list(run.glob(".*.tmp-*"))
-    for n in names:  # byte-identical shards: nothing duplicated, lost or changed
+    assert _records(run) == _records(ref)  # the same records in the same order, none lost or doubled
+    for n in names:  # and byte-identical shards
         assert (ref / n).read_bytes() == (run / n).read_bytes(), n
-    assert _records(run) == _records(ref)
     a, b = (json.loads((d / "index.json").read_text())["splits"]["val"] for d in (ref, run))
     for k in ("count", "input", "labelled", "skipped", "skipped_ids", "shards", "quality"):
         assert a[k] == b[k], k

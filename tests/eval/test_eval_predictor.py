@@ -138,15 +138,17 @@ def test_predict_cli_writes_json_and_png(model, image, tmp_path, capsys):
         mod.CHECKPOINT_LOADERS.pop("cli-test")
     assert rc == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["one.json", "one.png", "predictions.json", "two.json", "two.png"]
-    rec = json.loads((out / "two.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["one.png.json", "one.png.png", "predictions.json", "two.jpg.json",
+                                                     "two.jpg.png"]
+    rec = json.loads((out / "two.jpg.json").read_text())
     assert (rec["height"], rec["width"]) == (60, 40)
     assert rec["phrases"] == [{"text": "a cat", "spans": [[0, 5]]}, {"text": "a remote control", "spans": [[7, 23]]}]
     assert rec["detections"] and all(0 <= d["box"][2] <= 40 and 0 <= d["box"][3] <= 60 for d in rec["detections"])
-    with Image.open(out / "one.png") as png:
+    with Image.open(out / "one.png.png") as png:
         assert png.size == (80, 50)
         assert np.abs(np.asarray(png, dtype=int) - np.asarray(image, dtype=int)).sum() > 0  # something was drawn
-    assert len(json.loads((out / "predictions.json").read_text())) == 2
+    summary = json.loads((out / "predictions.json").read_text())
+    assert (summary["predicted"], summary["failed"], len(summary["images"])) == (2, 0, 2)
     rc = main(["predict", "--ckpt", str(ckpt), "--image", str(tmp_path / "nope.png"), "--prompt", "a cat"])
     assert rc == 2 and "no such image" in capsys.readouterr().err
 

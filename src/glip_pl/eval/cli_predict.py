@@ -1,15 +1,50 @@
 """``glip-pl predict --ckpt CKPT --image PATH_OR_DIR --prompt "a cat. a remote control" --out DIR``.
 
-Writes, per image, ``DIR/<stem>.json`` (caption, phrases with character spans, detections: box x1,y1,x2,y2 in
-original pixels, score, phrase, spans) and ``DIR/<stem>.png`` (boxes and phrases drawn), plus
-``DIR/predictions.json`` with all images. Detections below ``--threshold`` are left out of both.
+Writes, per image, ``DIR/<file name>.json`` (caption, phrases with character spans, detections: box x1,y1,x2,y2 in
+original pixels, score, phrase, spans) and ``DIR/<file name>.png`` (boxes and phrases drawn), plus
+``DIR/predictions.json`` with all images and the files that could not be read. Detections below ``--threshold`` are
+left out of all of them. The output names keep the input's extension (``cat.jpg`` → ``cat.jpg.json``,
+``cat.jpg.png``), so ``cat.jpg`` and ``cat.png`` in one folder get outputs of their own, and no output can be named
+``predictions.json`` (every output name holds an image extension before ``.json`` / ``.png``).
+
+An unreadable image is reported on stderr (one line naming it and why) and counted; the other images are still
+predicted. Exit status: 0 when every image was predicted, 1 when some could not be, 2 for a bad argument,
+checkpoint, prompt or ``--image`` path.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+SUMMARY = "predictions.json"
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _score(text: str) -> float:
+    """A score threshold: a finite number in [0, 1] (``nan`` would keep nothing, silently)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a score in [0, 1], got {text!r}")
+    return v
 
 
 def register(subparsers) -> None:
@@ -19,16 +54,24 @@ def register(subparsers) -> None:
     p.add_argument("--image", required=True, help="an image file or a folder of images")
     p.add_argument("--prompt", required=True, help='phrases separated by ".", e.g. "a cat. a remote control"')
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring at least this (default 0.5)")
-    p.add_argument("--score-thresh", type=float, default=None,
-                   help="candidate threshold of the post-processor (default: the model's, 0.05 as the official)")
+    p.add_argument("--threshold", type=_score, default=0.5,
+                   help="keep detections scoring at least this, in [0, 1] (default 0.5)")
+    p.add_argument("--score-thresh", type=_score, default=None,
+                   help="candidate threshold of the post-processor, in [0, 1] (default: the model's, 0.05 as the "
+                        "official)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--min-size", type=int, default=800, help="shorter image side fed to the model (default 800)")
-    p.add_argument("--max-size", type=int, default=1333, help="longer side limit (default 1333)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--min-size", type=_int_at_least(0), default=800,
+                   help="shorter image side fed to the model; 0 keeps the original size (default 800)")
+    p.add_argument("--max-size", type=_int_at_least(1), default=1333, help="longer side limit (default 1333)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
     p.add_argument("--loader", default=None, help="name of a registered checkpoint loader (default: try all)")
     p.add_argument("--no-draw", action="store_true", help="write json only")
     p.set_defaults(func=run)
+
+
+def output_names(image: Path) -> tuple:
+    """(json name, drawing name) of one input image: its whole file name plus ``.json`` / ``.png``."""
+    return f"{image.name}.json", f"{image.name}.png"
 
 
 def run(args) -> int:
@@ -38,6 +81,13 @@ def run(args) -> int:
 
     try:
         files = list_images(args.image)
+        out = Path(args.out)
+        inputs = {f.resolve() for f in files}
+        for f in files:  # --out may be the image folder: a drawing must never replace an input
+            for name in output_names(f):
+                if (out / name).resolve() in inputs:
+                    raise GLIPInputError(f"output {str(out / name)!r} of {str(f)!r} would overwrite an input image; "
+                                         "choose another --out")
         predictor = Predictor.from_checkpoint(args.ckpt, loader=args.loader, device=args.device,
                                               min_size=args.min_size, max_size=args.max_size,
                                               **({} if args.score_thresh is None else {"score_thresh": args.score_thresh}))
@@ -45,24 +95,46 @@ def run(args) -> int:
     except GLIPInputError as e:
         print(f"glip-pl predict: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for s in range(0, len(files), max(1, args.batch_size)):
-        batch = files[s : s + args.batch_size]
+    summary, failed = [], []
+
+    def fail(f: Path, e: Exception) -> None:
+        why = str(e) if isinstance(e, GLIPInputError) else f"image {str(f)!r}: {type(e).__name__}: {e}"
+        print(f"glip-pl predict: error: {why}", file=sys.stderr)
+        failed.append({"image": str(f), "error": why})
+
+    for s in range(0, len(files), args.batch_size):
+        batch, images = [], []
+        for f in files[s : s + args.batch_size]:
+            try:
+                images.append(to_pil(f))
+                batch.append(f)
+            except Exception as e:  # any decoder failure is this file's problem, not the folder's
+                fail(f, e)
+        if not batch:
+            continue
         try:
-            images = [to_pil(f) for f in batch]
             preds = predictor.predict_batch(images, args.prompt, batch_size=len(images))
-        except GLIPInputError as e:
-            print(f"glip-pl predict: error: {e}", file=sys.stderr)
-            return 2
+        except GLIPInputError:  # find the image it was about: one by one
+            preds = []
+            for f, im in zip(batch, images):
+                try:
+                    preds.extend(predictor.predict_batch([im], args.prompt, batch_size=1))
+                except GLIPInputError as e:
+                    fail(f, e)
+                    preds.append(None)
         for f, im, pred in zip(batch, images, preds):
+            if pred is None:
+                continue
             rec = {"image": str(f), **pred.to_json(args.threshold)}
-            (out / f"{f.stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
+            json_name, png_name = output_names(f)
+            (out / json_name).write_text(json.dumps(rec, indent=2) + "\n")
             if not args.no_draw:
-                draw_prediction(im, pred, threshold=args.threshold).save(out / f"{f.stem}.png")
+                draw_prediction(im, pred, threshold=args.threshold).save(out / png_name)
             summary.append(rec)
             print(f"{f}: {len(rec['detections'])} detections (score >= {args.threshold})")
-    (out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {len(summary)} image(s) to {out}")
-    return 0
+    (out / SUMMARY).write_text(json.dumps({"predicted": len(summary), "failed": len(failed), "errors": failed,
+                                           "images": summary}, indent=2) + "\n")
+    print(f"wrote {len(summary)} image(s) to {out}" + (f"; {len(failed)} failed (listed in {out / SUMMARY})"
+                                                        if failed else ""))
+    return 1 if failed else 0

@@ -4,9 +4,9 @@ One Lightning ``predict`` run over every rank and node; rank r of W labels input
 a shard is the unit of work, written by exactly one rank). For each input shard the job writes one grounding shard
 of the same position (``<output>/<split>-%06d.tar``, the shards issue's schema: ``boxes``, ``spans`` per box,
 ``scores``, ``provenance``) under a temporary name, renamed when complete, with a ``.<name>.stats.json`` beside it
-holding the shard's accounting. A killed job restarted with the same plan skips finished shards. Every input sample
-is either labelled or counted as skipped with its reason, so ``input == labelled + skipped`` holds per shard and in
-``index.json``.
+holding the shard's accounting. A killed job restarted with the same plan skips finished shards; SIGTERM stops the
+job before its next batch (exit status 143). Every input sample is either labelled or counted as skipped with its
+reason, so ``input == labelled + skipped`` holds per shard and in ``index.json``.
 
 Prompt = the caption with its noun-phrase spans as the phrases to ground (as GLIP-L's pseudo data). Filters: score
 > ``score_thresh`` (official ``CAPTION_CONF`` 0.5), the model's per-phrase NMS (``nms_thresh``), optional NMS across
@@ -35,6 +35,8 @@ import io
 import json
 import logging
 import os
+import signal
+import sys
 import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, List, Optional
@@ -410,6 +412,10 @@ def make_task(teacher, cfg: LabelConfig, out_dir: str, out_split: str, provenanc
         def predict_step(self, batch, batch_idx, dataloader_idx=0):
             from ..model.prompts import Prompt
 
+            if self.trainer.received_sigterm:  # Lightning's handler only sets the flag; its predict loop never reads it
+                from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+                raise SIGTERMException()
             i = batch["shard"]
             acc = self.acc.setdefault(i, ShardAccumulator())
             st = acc.stats
@@ -758,7 +764,15 @@ def run_label(cfg: LabelConfig, trainer_kwargs: Optional[dict] = None) -> dict:
             return make_predict_loader(cfg, shards, self.todo, teacher.tokenizer, teacher.cfg.max_text_len)
 
     dm = _Data()
-    trainer.predict(task, datamodule=dm, return_predictions=False)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.predict(task, datamodule=dm, return_predictions=False)
+    except SIGTERMException:  # finished shards are final; the shard in progress is labelled again on resume
+        done = sum(os.path.exists(os.path.join(cfg.output, output_name(out_split, i))) for i in range(len(shards)))
+        print(f"pseudo-label: stopped by SIGTERM (rank {trainer.global_rank}); {done} of {len(shards)} shards are "
+              "finished; run the same command again to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
     trainer.strategy.barrier("pseudo-label-done")
     entry = None
     if trainer.global_rank == 0:

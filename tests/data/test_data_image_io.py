@@ -100,6 +100,15 @@ def test_exif_rotated_jpeg_is_upright_in_every_path(tmp_path, tokenizer):
     assert sample.boxes.tolist() == [[0.0, 0.0, 20.0, 20.0]]
     assert np.array_equal(_training_image(out, tokenizer, 20), upright)
 
+    # the pseudo-label job's reader decodes the caption image the same way (and records the upright size)
+    from glip_pl.label.job import CaptionShardReader, LabelConfig
+
+    reader = CaptionShardReader([], [], LabelConfig(teacher="t", input="i", output="o", min_size=0), tokenizer, 256)
+    rec, t, size, reason, _ = reader._decode({"json": json.dumps({"id": "r", "caption": "a red half"}).encode(),
+                                              "jpg": (img_dir / "r.jpg").read_bytes()})
+    assert reason is None and size == (40, 20) and (rec["width"], rec["height"]) == (20, 40)
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), upright)
+
 
 def test_converters_record_the_upright_size(tmp_path, make_image):
     img_dir = tmp_path / "images"

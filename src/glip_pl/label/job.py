@@ -259,6 +259,7 @@ class CaptionShardReader(torch.utils.data.IterableDataset):
         """(record, image tensor, orig (h, w), None, image bytes) or (record, None, None, reason, None)."""
         from PIL import Image
 
+        from ..data.image_io import open_rgb
         from ..eval.predictor import resized_size
 
         try:
@@ -274,9 +275,7 @@ class CaptionShardReader(torch.utils.data.IterableDataset):
             return rec, None, None, "empty_caption", None
         ext = rec.get("image") or next((e for e in ("jpg", "jpeg", "png", "webp") if e in raw), None)
         try:
-            img = Image.open(io.BytesIO(raw[ext]))
-            img.load()
-            img = img.convert("RGB")
+            img = open_rgb(raw[ext])  # upright, 8-bit: the same decoder as training and the converters
         except Exception:
             return rec, None, None, "undecodable_image", None
         W, H = img.size

@@ -9,9 +9,12 @@
   (a requeued or restarted job), ``fit`` resumes from it — or from a newer Slurm preemption checkpoint
   ``<run>/hpc_ckpt_<n>.ckpt`` (``prefer_hpc_checkpoint``); ``--ckpt_path none`` forces a fresh start.
 - Auto-resume takes the newest checkpoint that loads (``glip_pl.lit.checkpointing.find_resume_checkpoint``): a
-  truncated or half-written ``last.ckpt`` is reported and the previous checkpoint used. Checkpoints are read with
-  ``torch.load(weights_only=True)`` (``--weights_only`` defaults to true here; Lightning 2.6.6 passes ``None``,
-  i.e. torch's default, otherwise) — a checkpoint that needs arbitrary unpickling is refused, not executed.
+  truncated or half-written ``last.ckpt`` is reported, moved aside to ``last.ckpt.corrupt-<time>`` (never deleted)
+  and the previous checkpoint used — or, with none, the run starts from step 0 and writes ``last.ckpt`` anew. An
+  explicit ``--ckpt_path`` that does not load (fit, validate, test) is one line naming the file and why, exit 1.
+  Checkpoints are read with ``torch.load(weights_only=True)`` (``--weights_only`` defaults to true here for every
+  subcommand; Lightning 2.6.6 passes ``None``, i.e. torch's default, otherwise) — a checkpoint that needs arbitrary
+  unpickling is refused, not executed.
 - Recipes are YAML read with a safe loader (jsonargparse's, a ``yaml.SafeLoader``: no python tags). A recipe or a
   flag can name classes only from ``ALLOWED_CLASS_PREFIXES`` (Lightning's callbacks, loggers, strategies, plugins,
   profilers, accelerators, cluster environments, and ``glip_pl.lit``), no function anywhere and no
@@ -127,33 +130,53 @@ class GLIPCLI(LightningCLI):
                 trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a file that does not load is one line
+        naming it and why (not a traceback from torch), and the hyper-parameters, parsed like a recipe, are held to
+        the same import policy."""
+        sub = self.config.get("subcommand")
+        ck = self.config[sub].get("ckpt_path") if sub else None
+        if isinstance(ck, str) and ck.lower() != "none" and ck.split(":")[0] not in LIGHTNING_CKPT_KEYWORDS:
+            from glip_pl.lit.checkpointing import checkpoint_problem
+
+            why = checkpoint_problem(ck)
+            if why is not None:
+                raise SystemExit(f"[glip_pl] {sub} --ckpt_path {ck}: {why}")
+        with import_policy():
+            super()._parse_ckpt_path()
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         cfg = self.config[subcommand]
-        if subcommand == "fit":
-            ck = kwargs.get("ckpt_path")
-            if isinstance(ck, str) and ck.lower() == "none":
-                kwargs["ckpt_path"] = None
-            elif ck is None and cfg.get("auto_resume", True):
-                last = prefer_hpc_checkpoint(self.trainer.default_root_dir, self._newest_valid_checkpoint())
-                if last:
-                    print(f"[glip_pl] resuming from {last}", file=sys.stderr)
-                    kwargs["ckpt_path"] = str(last)
-            if kwargs.get("weights_only") is None:
-                kwargs["weights_only"] = True
+        ck = kwargs.get("ckpt_path")
+        if isinstance(ck, str) and ck.lower() == "none":
+            kwargs["ckpt_path"] = None
+        elif subcommand == "fit" and ck is None and cfg.get("auto_resume", True):
+            last = prefer_hpc_checkpoint(self.trainer.default_root_dir, self._newest_valid_checkpoint())
+            if last:
+                print(f"[glip_pl] resuming from {last}", file=sys.stderr)
+                kwargs["ckpt_path"] = str(last)
+        if "weights_only" in kwargs and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = True
         return kwargs
 
     def _newest_valid_checkpoint(self):
-        """The newest loadable checkpoint of this run (truncated/half-written ones are passed over with a warning)."""
+        """The newest loadable checkpoint of this run; newer bad ones are reported and (rank 0) moved aside."""
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
         from glip_pl.lit.checkpointing import find_resume_checkpoint
 
         dirs = [c.dirpath for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         dirs.append(str(Path(self.trainer.default_root_dir) / "checkpoints"))
         for d in dict.fromkeys(dirs):
-            found = find_resume_checkpoint(d)
+            found = find_resume_checkpoint(d, move_bad=getattr(rank_zero_only, "rank", 0) == 0)
             if found:
                 return found
         return None
+
+
+# ckpt_path values that Lightning resolves itself (validate/test/predict: from the trainer's checkpoint callbacks)
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 def prefer_hpc_checkpoint(root, chosen: Optional[str]) -> Optional[str]:

@@ -15,6 +15,9 @@
   Checkpoints are read with ``torch.load(weights_only=True)`` (``--weights_only`` defaults to true here for every
   subcommand; Lightning 2.6.6 passes ``None``, i.e. torch's default, otherwise) — a checkpoint that needs arbitrary
   unpickling is refused, not executed.
+- One ``fit`` per run directory: rank 0 holds ``<run>/glip_pl.lock`` (``glip_pl.run_lock``: host, pid, Slurm job)
+  until it exits; a second ``fit`` on the directory is refused naming the holder (a dead holder on this host, or
+  a requeue of the same Slurm job, is taken over).
 - Recipes are YAML read with a safe loader (jsonargparse's, a ``yaml.SafeLoader``: no python tags). A recipe or a
   flag can name classes only from ``ALLOWED_CLASS_PREFIXES`` (Lightning's callbacks, loggers, strategies, plugins,
   profilers, accelerators, cluster environments, and ``glip_pl.lit``), no function anywhere and no
@@ -40,6 +43,7 @@ from glip_pl.lit.allowlist import (  # noqa: F401  (re-exported: the allow-list'
     refuse_callables,
 )
 from glip_pl.lit.datamodule import GroundingDataModule
+from glip_pl.lit.logging import launch_rank
 from glip_pl.lit.module import GLIPLitModule
 
 
@@ -64,7 +68,12 @@ class GLIPCLI(LightningCLI):
 
     def __init__(self, model_class=GLIPLitModule, datamodule_class=GroundingDataModule, *args,
                  subclass_mode_data: bool = True, **kwargs):
-        super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+        self._run_lock = None
+        try:
+            super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+        finally:  # LightningCLI runs the subcommand inside __init__
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     def parse_arguments(self, parser, args) -> None:
         argv = sys.argv[1:] if args is None else args
@@ -113,6 +122,14 @@ class GLIPCLI(LightningCLI):
         cfg = self.config[sub] if sub else self.config
         root = cfg.trainer.default_root_dir or "runs/default"
         cfg.trainer.default_root_dir = root
+        if sub == "fit" and launch_rank() == 0:
+            # before anything is built: the logger takes the run's W&B id, auto-resume may move files
+            from glip_pl.run_lock import RunLock, RunLockHeld
+
+            try:
+                self._run_lock = RunLock(root, "glip-pl fit").acquire()
+            except RunLockHeld as e:
+                raise SystemExit(f"[glip_pl] fit: {e}") from None
         # the data module hands out its own per-rank shard streams: no DistributedSampler
         cfg.trainer.use_distributed_sampler = False
         if cfg.trainer.accelerator == "cpu" and cfg.get("cpu_threads", 1):

@@ -140,3 +140,17 @@ def test_policy_is_lifted_after_the_cli(tmp_path, evil):
     before = {k: _common.parsing_settings[k] for k in ("import_path_verdicts", "import_paths_enforced")}
     _refused(["--config", str(_recipe(tmp_path, PLACES["dict_kwargs"][0]("os.system")))], evil)
     assert {k: _common.parsing_settings[k] for k in before} == before
+
+
+def test_a_class_own_default_function_is_not_refused(tmp_path):
+    """``BackboneFinetuning``'s ``lambda_func`` defaults to a function in Lightning's code: a recipe that does not
+    set it parses (only functions a recipe names are refused)."""
+    from glip_pl.lit.cli import GLIPCLI
+
+    class ParseOnly(GLIPCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cfg = _recipe(tmp_path, {"callbacks": [{"class_path": "lightning.pytorch.callbacks.BackboneFinetuning"}]})
+    parsed = ParseOnly(args=["--config", str(cfg)], run=False).config
+    assert parsed.trainer.callbacks[0].init_args.lambda_func.__name__ == "multiplicative"

@@ -159,10 +159,50 @@ def denied_import_error(message: str, args) -> RecipeRefused | None:
     return _refusal([hit for path in denied for hit in (_where_given(path, given) or [(keys or "?", path)])])
 
 
+def _code_defaults(spec) -> dict:
+    """The init defaults of a parsed ``class_path`` spec's class (already imported by the parse)."""
+    import importlib
+
+    path = getattr(spec, "class_path", None)
+    if not isinstance(path, str) or "." not in path:
+        return {}
+    try:
+        mod, name = path.rsplit(".", 1)
+        sig = inspect.signature(getattr(importlib.import_module(mod), name).__init__)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _functions(obj, where: str = ""):
+    """(key, function) of every function in a parsed config, except a class's own code default for its parameter
+    (``BackboneFinetuning(lambda_func=multiplicative)`` unless the recipe names one)."""
+    if type(obj).__name__ == "Namespace":
+        defaults = _code_defaults(obj)
+        for k, v in vars(obj).items():
+            key = f"{where}.{k}" if where else k
+            if k in ("init_args", "dict_kwargs") and defaults and type(v).__name__ in ("Namespace", "dict"):
+                items = vars(v).items() if type(v).__name__ == "Namespace" else v.items()
+                for name, val in items:
+                    if inspect.isroutine(val) and defaults.get(name, None) is val:
+                        continue
+                    yield from _functions(val, f"{key}.{name}")
+            else:
+                yield from _functions(v, key)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _functions(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _functions(v, f"{where}[{i}]")
+    elif inspect.isroutine(obj) or type(obj).__name__ == "partial":
+        yield where or "<root>", obj
+
+
 def refuse_callables(config, args=(), subcommand: str | None = None) -> None:
     """Refuse a parsed config that holds a function (a Callable parameter given a dotted path): recipes may name
     classes only. ``config`` is the parsed jsonargparse Namespace, before instantiation."""
-    bad = [(w, v) for w, v in _walk(config) if inspect.isroutine(v) or type(v).__name__ == "partial"]
+    bad = list(_functions(config))
     if not bad:
         return
     given, lines = _given_strings(args), []

@@ -15,7 +15,7 @@ import pytest
 from glip_pl.run_lock import LOCK_NAME, RunLock, RunLockHeld
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _recipes import cli_env, glip_pl, small_recipe  # noqa: E402
+from _recipes import cli_env, small_recipe  # noqa: E402
 
 
 @pytest.fixture

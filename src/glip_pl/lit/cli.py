@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback

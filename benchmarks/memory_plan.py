@@ -79,6 +79,17 @@ class _PeakTracker(MemTracker):
                 self._peak_mem[dev] = snap[_TOTAL_KEY]
                 self._peak_mem_snap[dev] = dict(snap)
 
+    def skip_frozen(self, model) -> None:
+        """MemTracker hooks every parameter's gradient, which fails on frozen ones (glip_l freezes its stem)."""
+        for p in model.parameters():
+            if not p.requires_grad:
+                self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
 
 def _nonzero_upper_bound(fake_mode, func, arg):
     # a fake nonzero needs a size: take the most it can return (all elements true)
@@ -92,10 +103,10 @@ def input_size(long_side: int, short_ratio: float = 0.6) -> tuple:
     return -(-h // 32) * 32, -(-long_side // 32) * 32
 
 
-def build_meta(preset: str, checkpointing: str, real: bool = False):
+def build_meta(preset: str, checkpointing: str, real: bool = False, **overrides):
     from glip_pl.model import build_glip
 
-    opts = dict(dropblock=False, deform_conv="torchvision", **CHECKPOINTING[checkpointing])
+    opts = dict(dropblock=False, deform_conv="torchvision", **CHECKPOINTING[checkpointing], **overrides)
     if real:
         torch.manual_seed(0)
         return build_glip(preset, **opts).train()
@@ -131,22 +142,26 @@ def _bf16_inputs(model) -> None:
     model.normalize = lambda images, sizes: GLIP.normalize(model, images, sizes).to(torch.bfloat16)
 
 
-def trace_step(preset: str, h: int, w: int, batch: int, text_len: int, checkpointing: str, dtype: str,
-               real: bool = False, model=None) -> dict:
-    """Peak memory (bytes, by kind) of one training step; ``real`` runs real tensors on CPU (the check)."""
+def make_fake(model):
+    """Swap a meta model's parameters and buffers for fake tensors on device "cpu"; returns the FakeTensorMode."""
     from torch._subclasses import fake_impls
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default] = _nonzero_upper_bound
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    model._apply(lambda t: FakeTensor(mode, t, torch.device("cpu")) if t.device.type == "meta" else t)
+    return mode
+
+
+def trace_step(preset: str, h: int, w: int, batch: int, text_len: int, checkpointing: str, dtype: str,
+               real: bool = False, model=None) -> dict:
+    """Peak memory (bytes, by kind) of one training step; ``real`` runs real tensors on CPU (the check)."""
     model = model if model is not None else build_meta(preset, checkpointing, real)
     if dtype == "bf16":
         model.to(torch.bfloat16)  # before the fake swap: fake parameters cannot be swapped again
         _bf16_inputs(model)
-    mode = None
-    if not real:
-        fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default] = _nonzero_upper_bound
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        torch.__future__.set_overwrite_module_params_on_conversion(True)
-        model._apply(lambda t: FakeTensor(mode, t, torch.device("cpu")) if t.device.type == "meta" else t)
+    mode = None if real else make_fake(model)
     n_params = sum(p.numel() for p in model.parameters())
     images, sizes, text, targets = synthetic_batch(model, batch, h, w, text_len)
     t0 = time.perf_counter()
@@ -161,6 +176,7 @@ def trace_step(preset: str, h: int, w: int, batch: int, text_len: int, checkpoin
         opt.step()
         opt.zero_grad(set_to_none=True)
         tracker = _PeakTracker()
+        tracker.skip_frozen(model)
         tracker.track_external(model, opt)
         with tracker:
             out = model(images, sizes, text)
@@ -229,6 +245,26 @@ def extrapolate(rows: list, batches: list) -> list:
     return out
 
 
+def scale_sizes(rows: list, long_sides: list) -> list:
+    """Rows for untraced input sizes: activations (and temporaries) scaled by the pixel count from the traced
+    size of the same preset / checkpointing / dtype / batch; model state and live gradients unchanged."""
+    out = []
+    traced = {(r["preset"], r["checkpointing"], r["dtype"], r["batch"], r["w"]) for r in rows}
+    for r in rows:
+        if r.get("scaled") or r["real"]:
+            continue
+        for ls in long_sides:
+            h, w = input_size(ls)
+            if (r["preset"], r["checkpointing"], r["dtype"], r["batch"], w) in traced:
+                continue
+            f = h * w / (r["h"] * r["w"])
+            e = dict(r, h=h, w=w, scaled=True, trace_s=0.0, **{k: int(r[k] * f) for k in ("act", "temp", "oth")})
+            e["peak"] = sum(e[k.name.lower()] for k in _MemRefType)
+            out.append(e)
+            traced.add((r["preset"], r["checkpointing"], r["dtype"], r["batch"], w))
+    return out
+
+
 def fits(pred_bytes: float, card_gib: float) -> bool:
     return FRAGMENTATION * pred_bytes / GIB + RESERVE_GIB <= card_gib
 
@@ -278,6 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-len", type=int, default=256, help="prompt tokens (256: the longest a batch can hold)")
     ap.add_argument("--extrapolate", type=int, nargs="*", default=[3, 4],
                     help="batches predicted linearly from the two smallest traced ones (not traced)")
+    ap.add_argument("--scale-to", type=int, nargs="*", default=[],
+                    help="long sides predicted from the traced size by pixel count (not traced)")
     ap.add_argument("--tables-from", nargs="+", default=None, help="only print the tables of these json files")
     ap.add_argument("--real", action="store_true", help="also run each trace on real CPU tensors (small presets)")
     ap.add_argument("--out", default="benchmarks/results/memory_plan.json")
@@ -305,6 +343,9 @@ def main(argv=None) -> int:
                                   file=sys.stderr, flush=True)
     if not args.tables_from:
         for e in extrapolate(rows, args.extrapolate):
+            e["pred"] = predict(e, states[e["preset"]])
+            rows.append(e)
+        for e in scale_sizes(rows, args.scale_to):
             e["pred"] = predict(e, states[e["preset"]])
             rows.append(e)
     print(f"\nmemory plan: text {args.text_len} tokens, commit {git_commit()}, "

@@ -320,12 +320,16 @@ def main(argv=None) -> int:
     ap.add_argument("--real", action="store_true", help="also run each trace on real CPU tensors (small presets)")
     ap.add_argument("--out", default="benchmarks/results/memory_plan.json")
     args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
 
     rows, states = [], {}
     if args.tables_from:
         for f in args.tables_from:
-            rows += json.loads(Path(f).read_text())["rows"]
+            d = json.loads(Path(f).read_text())
+            rows += [r for r in d["rows"] if not (r.get("extrapolated") or r.get("scaled"))]
+            states.update(d["states"])
         args.dtypes = sorted({r["dtype"] for r in rows})
+        args.text_len = rows[0]["text_len"] if rows else args.text_len
     for preset in ([] if args.tables_from else args.presets):
         states[preset] = model_state(preset)
         for long_side in args.long_sides:
@@ -337,17 +341,17 @@ def main(argv=None) -> int:
                             r = trace_step(preset, h, w, b, args.text_len, ck, dtype, real=real)
                             r["pred"] = predict(r, states[preset])
                             rows.append(r)
+                            save(args, rows, states)  # after every trace: a long plan keeps what it measured
                             print(f"  {preset} {h}x{w} b{b} ckpt={ck} {dtype}{' real' if real else ''}: peak "
                                   f"{r['peak'] / GIB:.2f} GiB (act {r['act'] / GIB:.2f}), 1 GPU "
                                   f"{r['pred']['1 GPU'] / GIB:.2f} GiB, {r['trace_s']:.0f} s",
                                   file=sys.stderr, flush=True)
-    if not args.tables_from:
-        for e in extrapolate(rows, args.extrapolate):
-            e["pred"] = predict(e, states[e["preset"]])
-            rows.append(e)
-        for e in scale_sizes(rows, args.scale_to):
-            e["pred"] = predict(e, states[e["preset"]])
-            rows.append(e)
+    for e in extrapolate(rows, args.extrapolate):
+        e["pred"] = predict(e, states[e["preset"]])
+        rows.append(e)
+    for e in scale_sizes(rows, args.scale_to):
+        e["pred"] = predict(e, states[e["preset"]])
+        rows.append(e)
     print(f"\nmemory plan: text {args.text_len} tokens, commit {git_commit()}, "
           f"fits = {FRAGMENTATION:.2f} x peak + {RESERVE_GIB} GiB <= card\n")
     for dtype in args.dtypes:
@@ -355,14 +359,18 @@ def main(argv=None) -> int:
         print(largest_batch_table(rows, dtype) + "\n")
     if args.tables_from:
         return 0
+    print(f"wrote {save(args, rows, states)}")
+    return 0
+
+
+def save(args, rows: list, states: dict) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python benchmarks/memory_plan.py " + " ".join(argv or sys.argv[1:]),
+    out.write_text(json.dumps({"command": "python benchmarks/memory_plan.py " + " ".join(args.argv),
                                "commit": git_commit(), "cards_gib": CARDS, "reserve_gib": RESERVE_GIB,
                                "fragmentation": FRAGMENTATION, "world": WORLD, "states": states, "rows": rows},
                               indent=2))
-    print(f"wrote {out}")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class RooflineMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func._schema.name.startswith("aten::") and not func.is_view and func is not torch.ops.aten.detach.default:
+        if func.namespace in ("aten", "torchvision") and not func.is_view and func is not torch.ops.aten.detach.default:
             fl = 0
             f = self.formulas.get(func._overloadpacket)
             if f is not None:

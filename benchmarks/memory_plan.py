@@ -277,30 +277,39 @@ def git_commit() -> str:
         return "unknown"
 
 
+def max_batch(p1: float, p2: float, card_gib: float, limit: int = 64) -> int:
+    """Largest batch whose predicted peak fits the card, linear in the batch through the batch-1 and -2 figures."""
+    if not fits(p1, card_gib):
+        return 0
+    room = ((card_gib - RESERVE_GIB) / FRAGMENTATION) * GIB
+    slope = p2 - p1
+    return limit if slope <= 0 else min(limit, int((room - (p1 - slope)) // slope))
+
+
 def largest_batch_table(rows: list, dtype: str) -> str:
-    """Markdown: per preset / long side / checkpointing / strategy, the largest measured batch that fits each card."""
+    """Markdown: per preset / input / checkpointing, the 1-GPU peak at batch 1 and 2 and, per strategy, the largest
+    batch that fits a 40 / 80 / 141 GB card."""
     keyed = {}
     for r in rows:
-        if r["dtype"] != dtype or "pred" not in r:
+        if r["dtype"] == dtype and "pred" in r and r["batch"] in (1, 2) and not r["real"]:
+            keyed.setdefault((r["preset"], r["w"], r["checkpointing"]), {})[r["batch"]] = r
+    cards = " / ".join(CARDS)
+    lines = [f"| preset | input | checkpointing | 1 GPU peak GiB, batch 1 / 2 | "
+             + " | ".join(f"{s}: max batch {cards}" for s in STRATEGIES) + " |",
+             "|---|---|---|---:|" + "---:|" * len(STRATEGIES)]
+    order = {c: i for i, c in enumerate(CHECKPOINTING)}
+    for (preset, w, ck), rs in sorted(keyed.items(), key=lambda kv: (kv[0][0], kv[0][1], order[kv[0][2]])):
+        r1, r2 = rs.get(1), rs.get(2)
+        if r1 is None:
             continue
-        k = (r["preset"], r["w"], r["checkpointing"])
-        keyed.setdefault(k, []).append(r)
-    lines = [f"| preset | input | checkpointing | strategy | peak GiB at batch 1 / 2 / 4 | "
-             + " | ".join(f"max batch, {c}" for c in CARDS) + " |",
-             "|---|---|---|---|---|" + "---:|" * len(CARDS)]
-    for (preset, w, ck), rs in sorted(keyed.items()):
-        rs = sorted(rs, key=lambda r: r["batch"])
+        peak = f"{r1['pred']['1 GPU'] / GIB:.1f} / " + (f"{r2['pred']['1 GPU'] / GIB:.1f}" if r2 else "–")
+        cells = []
         for s in STRATEGIES:
-            peaks = {r["batch"]: r["pred"][s] for r in rs}
-            if not peaks:
-                continue
-            shown = " / ".join(f"{peaks[b] / GIB:.1f}" if b in peaks else "–" for b in (1, 2, 4))
-            best = []
-            for card in CARDS.values():
-                ok = [b for b, p in peaks.items() if fits(p, card)]
-                top = max(ok) if ok else 0
-                best.append(f"≥{top}" if top == max(peaks) else str(top))
-            lines.append(f"| {preset} | {rs[0]['h']}×{w} | {ck} | {s} | {shown} | " + " | ".join(best) + " |")
+            if r2 is None:
+                cells.append(" / ".join(("≥1" if fits(r1["pred"][s], c) else "0") for c in CARDS.values()))
+            else:
+                cells.append(" / ".join(str(max_batch(r1["pred"][s], r2["pred"][s], c)) for c in CARDS.values()))
+        lines.append(f"| {preset} | {r1['h']}×{w} | {ck} | {peak} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -31,7 +31,9 @@ Strategies (8 GPUs; n parameters; A = activations and temporaries at the single-
 A card "fits" when 1.10 x predicted + 1.5 GiB <= its capacity: 10 % for the caching allocator's fragmentation,
 1.5 GiB for the CUDA context, cuBLAS/cuDNN workspaces and NCCL buffers (assumed, not measured here).
 
-    python benchmarks/memory_plan.py                        # full plan: glip_t + glip_l, 3 sizes, batch 1-4 (minutes)
+    python benchmarks/memory_plan.py        # the plan: glip_t + glip_l traced at 800x1333, batch 1 and 2, 3 checkpointing
+                                            # modes (12 traces, 2-9 min each on one loaded core); 1024 / 1600 scaled
+    python benchmarks/memory_plan.py --tables-from benchmarks/results/memory_plan-*.json   # tables of saved runs
     python benchmarks/memory_plan.py --presets glip_t --long-sides 1333 --batches 2 --checkpointing none
     python benchmarks/memory_plan.py --presets tiny --long-sides 256 --batches 2 --real   # fake vs real check
 
@@ -316,14 +318,14 @@ def largest_batch_table(rows: list, dtype: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["glip_t", "glip_l"])
-    ap.add_argument("--long-sides", type=int, nargs="+", default=[1024, 1333, 1600])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--long-sides", type=int, nargs="+", default=[1333], help="traced input sizes (long side)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="traced batches")
     ap.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINTING), choices=list(CHECKPOINTING))
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=["bf16", "fp32"])
     ap.add_argument("--text-len", type=int, default=256, help="prompt tokens (256: the longest a batch can hold)")
     ap.add_argument("--extrapolate", type=int, nargs="*", default=[3, 4],
                     help="batches predicted linearly from the two smallest traced ones (not traced)")
-    ap.add_argument("--scale-to", type=int, nargs="*", default=[],
+    ap.add_argument("--scale-to", type=int, nargs="*", default=[1024, 1600],
                     help="long sides predicted from the traced size by pixel count (not traced)")
     ap.add_argument("--tables-from", nargs="+", default=None, help="only print the tables of these json files")
     ap.add_argument("--real", action="store_true", help="also run each trace on real CPU tensors (small presets)")

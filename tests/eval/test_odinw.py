@@ -127,6 +127,8 @@ def test_sets_and_split_options(odinw_root, ckpt, tmp_path):
     res = json.loads(out.read_text())
     assert [(r["set"], r["split"], r["images"]) for r in res["sets"]] == [("Variant/shapes.v1-coco", "valid", 12)]
     assert odinw("--root", odinw_root, "--ckpt", ckpt, "--sets", "nope") == 2
+    assert odinw("--root", odinw_root, "--ckpt", tmp_path / "none.ckpt") == 2
+    assert odinw("--root", tmp_path / "nowhere", "--ckpt", ckpt) == 2
 
 
 def test_broken_sets_are_reported_and_the_others_complete(odinw_root, ckpt, tmp_path, capsys):

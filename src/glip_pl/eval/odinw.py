@@ -258,6 +258,8 @@ def run_odinw(root, ckpt, split: str = OFFICIAL, sets: Optional[Sequence[str]] =
     from .predictor import Predictor
 
     root = Path(root)
+    if not Path(ckpt).is_file():  # before any set is converted or fine-tuned
+        raise OdinwError(f"--ckpt {os.fspath(ckpt)!r}: no such file")
     names = discover_sets(root)
     if sets:
         unknown = [s for s in sets if s not in names]

@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": "glip_pl.demo",
     "evaluate": "glip_pl.eval.cli",
     "predict": "glip_pl.eval.cli_predict",
+    "odinw": "glip_pl.eval.odinw",
     "import-official": "glip_pl.official_cli",
     "pseudo-label": "glip_pl.label.cli",
     "pseudo-score": "glip_pl.label.score",

@@ -1,8 +1,9 @@
 """The core install (no extras): predict, evaluate, official import/export and weights by name work without the
 training, labelling and DeepSpeed libraries, and a command that needs an extra says which, in one line.
 
-A ``sitecustomize`` on PYTHONPATH makes the extras' packages unimportable in fresh processes, as if they were not
-installed; everything else comes from this environment.
+A ``sitecustomize`` on PYTHONPATH hides, in fresh processes, every installed package that the core dependencies of
+pyproject.toml do not bring (and always the extras' packages), as if it were not installed: ``import`` raises
+ModuleNotFoundError and ``importlib.util.find_spec`` returns None.
 """
 
 from __future__ import annotations
@@ -11,28 +12,67 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
-# What `pip install glip_pl` (no extras) leaves out; see pyproject.toml.
+ROOT = Path(__file__).resolve().parents[1]
+
+# What `pip install glip_pl` (no extras) must leave out; see pyproject.toml.
 EXTRA_PACKAGES = ("lightning", "lightning_fabric", "pytorch_lightning", "webdataset", "wandb", "jsonargparse",
                   "spacy", "deepspeed", "torchmetrics")
 
-SITECUSTOMIZE = f"""
+
+def core_distributions() -> set:
+    """The distributions `pip install glip_pl` installs: pyproject's dependencies and theirs, transitively (as
+    installed here; a requirement that is not installed is skipped)."""
+    todo = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    seen = set()
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = metadata.requires(req.name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for r in map(Requirement, requires):
+            if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *req.extras)):
+                todo.append(r)
+    return {name for name, _ in seen}
+
+
+def hidden_modules() -> list:
+    """Top-level modules of installed distributions outside the core install, and the extras' packages."""
+    core = core_distributions() | {"glip-pl"}
+    hidden = {top for top, dists in metadata.packages_distributions().items()
+              if not any(canonicalize_name(d) in core for d in dists)}
+    return sorted((hidden | set(EXTRA_PACKAGES)) - {"glip_pl"})
+
+
+SITECUSTOMIZE = """
 import sys
+from importlib.machinery import PathFinder
 
-_BLOCKED = {EXTRA_PACKAGES!r}
-
-
-class _NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in _BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (lean-install test)", name=name)
-        return None
+_HIDDEN = frozenset({hidden!r})
 
 
-sys.meta_path.insert(0, _NotInstalled())
+class _CoreOnly(PathFinder):
+    # stands in for PathFinder, so that a hidden package is simply not found (find_spec -> None), as if absent
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] in _HIDDEN:
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_CoreOnly if f is PathFinder else f for f in sys.meta_path]
 """
 
 # Runs in the lean process: the core commands in-process through the dispatcher, then checks that none of the
@@ -102,8 +142,8 @@ DT = [{"image_id": 1, "category_id": 1, "bbox": [12, 11, 48, 50], "score": 0.9}]
 def _lean_env(tmp_path: Path) -> dict:
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(hidden=hidden_modules()))
+    src = str(ROOT / "src")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(site), src] + [p for p in [env.get("PYTHONPATH")] if p])
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
@@ -148,3 +188,12 @@ def test_extra_commands_name_their_extra(tmp_path):
                            timeout=120, cwd=tmp_path)
         assert (r.returncode, r.stdout) == (2, ""), r.stderr
         assert r.stderr == f"glip-pl {cmd[0]} needs {extra}\n"
+
+
+def test_core_dependencies_leave_the_extras_out():
+    """pyproject's core dependencies bring none of the extras' packages, and [all] is train + label + deepspeed."""
+    extras_dists = {canonicalize_name(d) for top in EXTRA_PACKAGES for d in metadata.packages_distributions().get(top, [top])}
+    assert not core_distributions() & extras_dists
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"train", "label", "deepspeed", "all", "dev"} <= set(optional)
+    assert [Requirement(r).extras for r in optional["all"]] == [{"train", "label", "deepspeed"}]

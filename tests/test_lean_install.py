@@ -166,9 +166,9 @@ def test_core_commands_without_extras(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["imported"] == [], f"extras' packages imported by the core commands: {res['imported']}"
     assert res["predict"] == 0, r.stderr[-3000:]
-    rec = json.loads((work / "pred" / "cat.json").read_text())
+    rec = json.loads((work / "pred" / "cat.png.json").read_text())
     assert (rec["height"], rec["width"]) == (50, 80) and rec["detections"]
-    assert (work / "pred" / "cat.png").is_file()
+    assert (work / "pred" / "cat.png.png").is_file()
     assert res["evaluate"] == 0
     assert 0 < json.loads((work / "metrics.json").read_text())["AP"] <= 1
     assert res["export"] == 0 and (work / "official.pth").is_file()

@@ -80,17 +80,15 @@ def main(argv=None) -> int:
     # Training/evaluation runs go to LightningCLI (``glip-pl fit --config a.yaml --config b.yaml``). ``predict``
     # with ``--config`` is LightningCLI's predict; without it, the image predictor (``--ckpt --image --prompt``).
     command = argv[0] if argv else ""
-    if argv and argv[0] == "predict" and ("--config" in argv or "-c" in argv):
-        command_extra = "train"  # LightningCLI's predict
-    else:
-        command_extra = COMMAND_EXTRA.get(command)
-    if command_extra and "-h" not in argv[1:2] and "--help" not in argv[1:2]:
-        missing = next((p for p in NEEDS[command_extra] if not _installed(p)), None)
+    lightning_cli = command in LIGHTNING_COMMANDS or (command == "predict" and ("--config" in argv or "-c" in argv))
+    extra = "train" if lightning_cli else COMMAND_EXTRA.get(command)
+    if extra and not {"-h", "--help"} & set(argv[1:2]):
+        missing = next((p for p in NEEDS[extra] if not _installed(p)), None)
         if missing:
             print(missing_extra(command, ModuleNotFoundError(name=missing)), file=sys.stderr)
             return 2
     try:
-        if argv and (argv[0] in LIGHTNING_COMMANDS or (argv[0] == "predict" and ("--config" in argv or "-c" in argv))):
+        if lightning_cli:
             from glip_pl.lit.cli import run
 
             return run(argv)

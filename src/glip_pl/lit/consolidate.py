@@ -93,11 +93,10 @@ def is_dcp_checkpoint(path) -> bool:
     return (Path(path) / ".metadata").is_file()
 
 
-def _dcp_reader(path):
+def read_dcp_metadata(path):
+    """The ``.metadata`` of a DCP directory, unpickled with an allow-list (``pickle.UnpicklingError`` naming the file
+    and the class otherwise)."""
     import pickle
-
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class _Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
@@ -108,10 +107,44 @@ def _dcp_reader(path):
                                              "metadata never holds: refusing to load it")
             return super().find_class(module, name)
 
+    with open(Path(path) / ".metadata", "rb") as f:
+        return _Unpickler(f).load()
+
+
+def check_dcp_checkpoint(path) -> None:
+    """Refuse a DCP directory that torch.distributed.checkpoint would unpickle unsafely: its ``.metadata`` (plain
+    ``pickle.load`` in torch) must pass the allow-list, and every non-tensor entry (optimizer hyper-parameters:
+    floats, strings, tuples), which torch loads with ``torch.load(weights_only=False)``, must load with
+    ``weights_only=True``. Called before a resume reads the directory."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    md = read_dcp_metadata(path)
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(entry, BytesStorageMetadata):
+            continue
+        info = md.storage_data[MetadataIndex(key)]
+        if info.transform_descriptors:
+            raise ValueError(f"{path}: entry {key!r} is stored with transforms {info.transform_descriptors}, "
+                             "which glip_pl does not read")
+        with open(Path(path) / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        try:
+            torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}/{info.relative_path}: entry {key!r} does not load safely "
+                             f"(torch.load weights_only=True: {type(e).__name__}: {e})") from None
+
+
+def _dcp_reader(path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
     class _Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            with open(Path(path) / ".metadata", "rb") as f:
-                md = _Unpickler(f).load()
+            md = read_dcp_metadata(path)
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
             md.storage_meta.load_id = self.load_id
@@ -139,6 +172,7 @@ def consolidate_dcp_checkpoint(dcp_dir, out, verify: bool = True) -> dict:
     meta_path = dcp_dir / "meta.pt"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path}: missing (Lightning writes it beside the shards: step, hyper-parameters)")
+    read_dcp_metadata(dcp_dir)  # a refused .metadata: one clear error here, not torch's wrapped and logged one
     meta = torch.load(meta_path, map_location="cpu", weights_only=True)
     loaded: dict = {}
     _load_state_dict(loaded, storage_reader=_dcp_reader(dcp_dir), planner=_Planner(keys={"state_dict"}), no_dist=True)

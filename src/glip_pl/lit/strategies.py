@@ -98,6 +98,13 @@ def configure_sharding(lit_module) -> None:
     strategy = getattr(trainer, "strategy", None)
     if not isinstance(strategy, ModelParallelStrategy) or isinstance(lit_module.model, FSDPModule):
         return
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+    if averaging:
+        # Lightning's WeightAveraging keeps a deep copy of the module, which FSDP2 modules refuse
+        raise ValueError(f"{', '.join(averaging)} (weight averaging / EMA) does not work with a sharded model: "
+                         "remove it from trainer.callbacks to train with FSDP2, or train with DDP / DeepSpeed")
     mesh = strategy.device_mesh
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
         raise ValueError("GLIP has no tensor-parallel plan: use tensor_parallel_size 1 (GLIPFSDP2Strategy does)")
@@ -145,6 +152,15 @@ class GLIPFSDP2Strategy(ModelParallelStrategy):
             "reduce_dtype": _dtype(reduce_dtype, "reduce_dtype"),
             "reshard_after_forward": bool(reshard_after_forward),
         }
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
+        # torch.distributed.checkpoint unpickles .metadata and non-tensor entries without restriction: check them
+        # first, so that resuming from a sharded directory is as safe as torch.load(weights_only=True)
+        from glip_pl.lit.consolidate import check_dcp_checkpoint, is_dcp_checkpoint
+
+        if is_dcp_checkpoint(checkpoint_path):
+            check_dcp_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def setup_environment(self) -> None:
         # Lightning's "auto" is one data-parallel group per node (tensor parallelism inside a node); GLIP shards

@@ -149,3 +149,15 @@ def test_weight_averaging_is_refused_under_fsdp2():
     lit._trainer = SimpleNamespace(strategy=GLIPFSDP2Strategy(), callbacks=[EMA()])
     with pytest.raises(ValueError, match="EMA .*does not work with a sharded model"):
         lit.configure_model()
+
+
+def test_low_precision_parameters_need_autocast():
+    """bf16 parameters without autocast would stop at the first conv (fp32 normalised image, bf16 weight)."""
+    from types import SimpleNamespace
+
+    from glip_pl.lit.strategies import GLIPFSDP2Strategy
+
+    lit = GLIPLitModule(preset="tiny")
+    lit._trainer = SimpleNamespace(strategy=GLIPFSDP2Strategy(param_dtype="bf16"), callbacks=[], precision="32-true")
+    with pytest.raises(ValueError, match="needs trainer.precision bf16-mixed"):
+        lit.configure_model()

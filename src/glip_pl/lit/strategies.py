@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 CHECKPOINT_PARTS = ("backbone", "text", "fusion", "dyhead")
@@ -98,17 +99,20 @@ def configure_sharding(lit_module) -> None:
     strategy = getattr(trainer, "strategy", None)
     if not isinstance(strategy, ModelParallelStrategy) or isinstance(lit_module.model, FSDPModule):
         return
-    from lightning.pytorch.callbacks import WeightAveraging
-
     averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
     if averaging:
         # Lightning's WeightAveraging keeps a deep copy of the module, which FSDP2 modules refuse
         raise ValueError(f"{', '.join(averaging)} (weight averaging / EMA) does not work with a sharded model: "
                          "remove it from trainer.callbacks to train with FSDP2, or train with DDP / DeepSpeed")
+    opts = strategy.glip_options if isinstance(strategy, GLIPFSDP2Strategy) else {}
+    precision = str(getattr(trainer, "precision", ""))
+    if opts.get("param_dtype") not in (None, torch.float32) and not precision.endswith("-mixed"):
+        # the image normalisation runs in fp32 (model/backbone.py): only autocast lets it meet bf16/fp16 weights
+        raise ValueError(f"GLIPFSDP2Strategy param_dtype {opts['param_dtype']} needs trainer.precision bf16-mixed "
+                         f"(autocast), got {precision!r}")
     mesh = strategy.device_mesh
     if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
         raise ValueError("GLIP has no tensor-parallel plan: use tensor_parallel_size 1 (GLIPFSDP2Strategy does)")
-    opts = strategy.glip_options if isinstance(strategy, GLIPFSDP2Strategy) else {}
     if opts.get("activation_checkpointing"):
         enable_activation_checkpointing(lit_module.model, opts["activation_checkpointing"])
     shard_glip(lit_module.model, mesh["data_parallel"], reshard_after_forward=opts.get("reshard_after_forward", True),

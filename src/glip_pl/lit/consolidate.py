@@ -81,7 +81,7 @@ def consolidate_zero_checkpoint(zero_dir, out, tag: Optional[str] = None, preset
     return result
 
 
-# ----------------------------------------------------------------------------------- FSDP2 (torch.distributed.checkpoint)
+# ------------------------------------------------------------------------- FSDP2 (torch.distributed.checkpoint)
 # ``.metadata`` is a pickle that torch.distributed.checkpoint reads with plain ``pickle.load``: only the classes a
 # checkpoint's metadata is made of may be named in it, so an untrusted directory cannot run code
 _DCP_SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),

@@ -119,7 +119,8 @@ def test_consolidate_a_dcp_directory(tmp_path):
 
 
 def test_untrusted_dcp_directories_are_refused(tmp_path, monkeypatch):
-    from glip_pl.lit.consolidate import check_dcp_checkpoint, consolidate_dcp_checkpoint
+    from glip_pl.lit.consolidate import consolidate_dcp_checkpoint
+    from glip_pl.lit.dcp import check_dcp_checkpoint
 
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("GLIP_PL_TEST_MARKER", str(marker))

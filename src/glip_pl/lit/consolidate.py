@@ -82,77 +82,6 @@ def consolidate_zero_checkpoint(zero_dir, out, tag: Optional[str] = None, preset
 
 
 # ------------------------------------------------------------------------- FSDP2 (torch.distributed.checkpoint)
-# ``.metadata`` is a pickle that torch.distributed.checkpoint reads with plain ``pickle.load``: only the classes a
-# checkpoint's metadata is made of may be named in it, so an untrusted directory cannot run code
-_DCP_SAFE = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-             ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-             ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
-
-
-def is_dcp_checkpoint(path) -> bool:
-    return (Path(path) / ".metadata").is_file()
-
-
-def read_dcp_metadata(path):
-    """The ``.metadata`` of a DCP directory, unpickled with an allow-list (``pickle.UnpicklingError`` naming the file
-    and the class otherwise)."""
-    import pickle
-
-    class _Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            ok = (module, name) in _DCP_SAFE or module == "torch.distributed.checkpoint.metadata" or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-            if not ok:
-                raise pickle.UnpicklingError(f"{path}/.metadata names {module}.{name}, which a checkpoint's "
-                                             "metadata never holds: refusing to load it")
-            return super().find_class(module, name)
-
-    with open(Path(path) / ".metadata", "rb") as f:
-        return _Unpickler(f).load()
-
-
-def check_dcp_checkpoint(path) -> None:
-    """Refuse a DCP directory that torch.distributed.checkpoint would unpickle unsafely: its ``.metadata`` (plain
-    ``pickle.load`` in torch) must pass the allow-list, and every non-tensor entry (optimizer hyper-parameters:
-    floats, strings, tuples), which torch loads with ``torch.load(weights_only=False)``, must load with
-    ``weights_only=True``. Called before a resume reads the directory."""
-    import io
-
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
-
-    md = read_dcp_metadata(path)
-    for key, entry in md.state_dict_metadata.items():
-        if not isinstance(entry, BytesStorageMetadata):
-            continue
-        info = md.storage_data[MetadataIndex(key)]
-        if info.transform_descriptors:
-            raise ValueError(f"{path}: entry {key!r} is stored with transforms {info.transform_descriptors}, "
-                             "which glip_pl does not read")
-        with open(Path(path) / info.relative_path, "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        try:
-            torch.load(io.BytesIO(data), weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path}/{info.relative_path}: entry {key!r} does not load safely "
-                             f"(torch.load weights_only=True: {type(e).__name__}: {e})") from None
-
-
-def _dcp_reader(path):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class _Reader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
-            md = read_dcp_metadata(path)
-            if getattr(md, "storage_meta", None) is None:
-                md.storage_meta = StorageMeta()
-            md.storage_meta.load_id = self.load_id
-            return md
-
-    return _Reader(path)
-
-
 def consolidate_dcp_checkpoint(dcp_dir, out, verify: bool = True) -> dict:
     """Write ``out`` from the FSDP2 checkpoint directory ``dcp_dir`` (any number of ranks); returns the written
     dict. Only the weights are read (not the optimizer state); ``meta.pt`` (Lightning's loop state, hyper-parameters)
@@ -161,6 +90,8 @@ def consolidate_dcp_checkpoint(dcp_dir, out, verify: bool = True) -> dict:
 
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from glip_pl.lit.dcp import is_dcp_checkpoint, read_dcp_metadata, safe_dcp_reader
 
     class _Planner(_EmptyStateDictLoadPlanner):
         def load_bytes(self, read_item, value: io.BytesIO) -> None:  # the default unpickles anything
@@ -175,7 +106,8 @@ def consolidate_dcp_checkpoint(dcp_dir, out, verify: bool = True) -> dict:
     read_dcp_metadata(dcp_dir)  # a refused .metadata: one clear error here, not torch's wrapped and logged one
     meta = torch.load(meta_path, map_location="cpu", weights_only=True)
     loaded: dict = {}
-    _load_state_dict(loaded, storage_reader=_dcp_reader(dcp_dir), planner=_Planner(keys={"state_dict"}), no_dist=True)
+    _load_state_dict(loaded, storage_reader=safe_dcp_reader(dcp_dir), planner=_Planner(keys={"state_dict"}),
+                     no_dist=True)
     sd = loaded.get("state_dict")
     if not sd:
         raise ValueError(f"{dcp_dir}: no 'state_dict' entry in the checkpoint (keys {sorted(loaded)[:5]})")
@@ -213,6 +145,8 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
+    from glip_pl.lit.dcp import is_dcp_checkpoint
+
     if is_dcp_checkpoint(args.zero_dir):
         res = consolidate_dcp_checkpoint(args.zero_dir, args.out, verify=not args.no_verify)
     else:

@@ -126,8 +126,8 @@ class GLIPFSDP2Strategy(ModelParallelStrategy):
     ``text``, ``fusion``, ``dyhead`` — the model's own checkpointing switches, turned on before sharding (switches a
     recipe already sets in ``model_options`` stay on either way).
     ``param_dtype`` / ``reduce_dtype``: FSDP2's ``MixedPrecisionPolicy`` (e.g. ``bf16`` / ``fp32``: blocks compute
-    with bf16 copies of the fp32 sharded parameters, gradients are reduced in fp32); ``null`` keeps fp32. For GPUs;
-    Lightning's ``precision: bf16-mixed`` (autocast) can run on top of it.
+    with bf16 copies of the fp32 sharded parameters, gradients are reduced in fp32); ``null`` keeps fp32. Needs
+    ``trainer.precision: bf16-mixed`` (autocast): the image normalisation runs in fp32 and meets the first conv.
     ``reshard_after_forward``: free each block's gathered parameters after its forward (ZeRO-3-like, least memory)
     or keep them until backward (``false``: ZeRO-2-like, one all-gather less per block and step).
     ``save_distributed_checkpoint``: as Lightning's (``true``: a directory, one shard file per rank, written with

@@ -14,8 +14,9 @@ ranks; ZeRO-3: every parameter split over ranks), with the same consistency chec
 The written file keeps only what a weights file needs: ``state_dict`` (``model.``-prefixed, as GLIPLitModule's),
 ``hyper_parameters`` (preset, model_options), ``glip_pl_config``, step and epoch — no loop or callback state.
 
-FSDP needs no command: train with sharded checkpoints and save a full one for export with
-``trainer.strategy.init_args.state_dict_type: full`` (see recipes/cluster/fsdp.yaml).
+An FSDP2 checkpoint (``GLIPFSDP2Strategy``: a ``torch.distributed.checkpoint`` directory of ``.metadata``, one
+``__<rank>_0.distcp`` per rank and Lightning's ``meta.pt``) goes through ``consolidate_dcp_checkpoint`` into the same
+kind of file; ``glip-pl consolidate`` picks the reader from the directory's contents.
 """
 
 from __future__ import annotations
@@ -254,13 +255,61 @@ def consolidate_zero_checkpoint(zero_dir, out, tag: Optional[str] = None, preset
     return result
 
 
+# ------------------------------------------------------------------------- FSDP2 (torch.distributed.checkpoint)
+def consolidate_dcp_checkpoint(dcp_dir, out, verify: bool = True) -> dict:
+    """Write ``out`` from the FSDP2 checkpoint directory ``dcp_dir`` (any number of ranks); returns the written
+    dict. Only the weights are read (not the optimizer state); ``meta.pt`` (Lightning's loop state, hyper-parameters)
+    with ``torch.load(weights_only=True)``. ``verify``: rebuild the model and load the weights strictly."""
+    import io
+
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from glip_pl.lit.dcp import is_dcp_checkpoint, read_dcp_metadata, safe_dcp_reader
+
+    class _Planner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:  # the default unpickles anything
+            raise ValueError(f"{dcp_dir}: non-tensor entry {read_item.dest_index.fqn!r} among the weights")
+
+    dcp_dir = Path(dcp_dir)
+    if not is_dcp_checkpoint(dcp_dir):
+        raise FileNotFoundError(f"{dcp_dir}: not a torch.distributed.checkpoint directory (no .metadata file)")
+    meta_path = dcp_dir / "meta.pt"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing (Lightning writes it beside the shards: step, hyper-parameters)")
+    read_dcp_metadata(dcp_dir)  # a refused .metadata: one clear error here, not torch's wrapped and logged one
+    meta = torch.load(meta_path, map_location="cpu", weights_only=True)
+    loaded: dict = {}
+    _load_state_dict(loaded, storage_reader=safe_dcp_reader(dcp_dir), planner=_Planner(keys={"state_dict"}),
+                     no_dist=True)
+    sd = loaded.get("state_dict")
+    if not sd:
+        raise ValueError(f"{dcp_dir}: no 'state_dict' entry in the checkpoint (keys {sorted(loaded)[:5]})")
+    sd = {k: v.detach().to(torch.float32) if v.is_floating_point() else v.detach() for k, v in sd.items()}
+    hp = dict(meta.get("hyper_parameters") or {})
+    if not hp.get("preset"):
+        raise ValueError(f"{meta_path}: the checkpoint does not say its preset (no hyper_parameters.preset)")
+    result = {k: meta[k] for k in KEEP if k in meta and k != "hyper_parameters"}
+    result.update(state_dict=sd, hyper_parameters=hp, consolidated_from=str(dcp_dir))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    torch.save(result, tmp_out)
+    os.replace(tmp_out, out)
+    if verify:
+        from glip_pl.official import load_glip_checkpoint
+
+        load_glip_checkpoint(out)
+    return result
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "consolidate",
-        help="DeepSpeed ZeRO checkpoint directory -> one fp32 glip_pl checkpoint file",
+        help="DeepSpeed ZeRO or FSDP2 (torch.distributed.checkpoint) directory -> one fp32 glip_pl checkpoint file",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("zero_dir", help="the ZeRO checkpoint directory (e.g. runs/x/checkpoints/last.ckpt/)")
+    p.add_argument("zero_dir", help="the ZeRO or FSDP2 checkpoint directory (e.g. runs/x/checkpoints/last.ckpt/)")
     p.add_argument("out", help="output file (e.g. runs/x/consolidated.ckpt)")
     p.add_argument("--tag", help="tag sub-directory (default: from the 'latest' file)")
     p.add_argument("--preset", help="model preset, when the checkpoint does not record it")
@@ -270,10 +319,17 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
+    import pickle
+
+    from glip_pl.lit.dcp import is_dcp_checkpoint
+
     try:
-        res = consolidate_zero_checkpoint(args.zero_dir, args.out, tag=args.tag, preset=args.preset,
-                                          model_options=args.model_options, verify=not args.no_verify)
-    except GLIPInputError as e:
+        if is_dcp_checkpoint(args.zero_dir):
+            res = consolidate_dcp_checkpoint(args.zero_dir, args.out, verify=not args.no_verify)
+        else:
+            res = consolidate_zero_checkpoint(args.zero_dir, args.out, tag=args.tag, preset=args.preset,
+                                              model_options=args.model_options, verify=not args.no_verify)
+    except (ValueError, pickle.UnpicklingError) as e:  # GLIPInputError is a ValueError
         print(f"glip-pl consolidate: error: {e}", file=sys.stderr)
         return 2
     n = sum(v.numel() for v in res["state_dict"].values())

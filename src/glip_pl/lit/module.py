@@ -107,6 +107,12 @@ class GLIPLitModule(L.LightningModule):
             return value
         return trainer.strategy.reduce(value.detach().clone(), reduce_op="mean")
 
+    def configure_model(self):
+        # FSDP2 shards here under ModelParallelStrategy (glip_pl.lit.strategies); other strategies: no-op
+        from glip_pl.lit.strategies import configure_sharding
+
+        configure_sharding(self)
+
     # ------------------------------------------------------------------ steps
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)

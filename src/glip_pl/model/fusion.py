@@ -65,7 +65,9 @@ class BiMultiHeadAttention(nn.Module):
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.scale = self.head_dim**-0.5
-        self.dropout = dropout
+        # a module rather than a float so that switching every nn.Dropout off (p = 0) switches this one off too;
+        # its p is read at each call and handed to SDPA / F.dropout (a p of 0 draws no random numbers)
+        self.dropout = nn.Dropout(dropout)
         self.use_sdpa = use_sdpa
         self.clamp = clamp
         self.text_output = text_output
@@ -103,7 +105,7 @@ class BiMultiHeadAttention(nn.Module):
         q = self._heads(self.v_proj(v))  # (B,h,N,e), unscaled
         k = self._heads(self.l_proj(l))  # (B,h,T,e)
         val_l = self._heads(self.values_l_proj(l))  # (B,h,T,e)
-        p = self.dropout if self.training else 0.0
+        p = self.dropout.p if self.training and self.dropout.training else 0.0
         keep = text_mask.bool()[:, None, None, :]  # (B,1,1,T)
         if not self.text_output:  # visual side only: identical to the visual half of both paths below
             if self.use_sdpa:

@@ -33,7 +33,9 @@ class _SelfAttention(nn.Module):
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, hidden // heads
-        self.dropout, self.use_sdpa = dropout, use_sdpa
+        # a module rather than a float so that switching every nn.Dropout off (p = 0) switches this one off too;
+        # its p is read at each call and handed to SDPA / F.dropout (a p of 0 draws no random numbers)
+        self.dropout, self.use_sdpa = nn.Dropout(dropout), use_sdpa
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
@@ -46,7 +48,7 @@ class _SelfAttention(nn.Module):
         """x (B,T,D), text_mask (B,T) bool -> context (B,T,D)."""
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
         keep = text_mask.bool()[:, None, None, :]  # (B,1,1,T): padded keys are masked, queries are not
-        p = self.dropout if self.training else 0.0
+        p = self.dropout.p if self.training and self.dropout.training else 0.0
         if self.use_sdpa:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
         else:

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name}: glip-pl {name} --config RECIPE.yaml (see --help)", add_help=False)
+    sub.add_parser(BATCH_PREDICT, help="LightningCLI predict: glip-pl predict-batch --config RECIPE.yaml (see --help)",
+                   add_help=False)
     for name, module in COMMANDS.items():
         try:
             importlib.import_module(module).register(sub)
@@ -40,16 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+BATCH_PREDICT = "predict-batch"  # LightningCLI's predict, apart from ``predict`` (the image predictor)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Training/evaluation runs go to LightningCLI (``glip-pl fit --config a.yaml --config b.yaml``). ``predict``
-    # with ``--config`` is LightningCLI's predict; without it, the image predictor (``--ckpt --image --prompt``).
-    if argv and (argv[0] in LIGHTNING_COMMANDS or (argv[0] == "predict" and ("--config" in argv or "-c" in argv))):
+    # Training/evaluation runs go to LightningCLI (``glip-pl fit --config a.yaml --config b.yaml``).
+    if argv and (argv[0] in LIGHTNING_COMMANDS or argv[0] == BATCH_PREDICT):
         from glip_pl.lit.cli import run
 
-        return run(argv)
+        return run(["predict" if argv[0] == BATCH_PREDICT else argv[0], *argv[1:]])
+    if argv and argv[0] == "predict" and any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+        # ``predict --config`` used to switch silently to LightningCLI's predict: say where that went
+        print("glip-pl predict: error: --config belongs to LightningCLI's batch predict, now its own command: "
+              f"glip-pl {BATCH_PREDICT} --config RECIPE.yaml ...", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -27,7 +27,9 @@ def tiny(tmp_path_factory):
     torch.save({"format": "glip_pl", "format_version": 1, "preset": "tiny", "config": asdict(model.cfg),
                 "state_dict": model.state_dict()}, plain)
     lit = root / "last.ckpt"
-    config = {"model": {"preset": "tiny"}, "data": {"val_size": 256, "val_max_size": 400, "batch_size": 2}}
+    config = {"model": {"preset": "tiny"},  # as LightningCLI saves it: the datamodule's class and init_args
+              "data": {"class_path": "glip_pl.lit.datamodule.GroundingDataModule",
+                       "init_args": {"val_size": 256, "val_max_size": 400, "batch_size": 2}}}
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": {"preset": "tiny", "model_options": {}},
                 "glip_pl_config": yaml.safe_dump(config), "global_step": 10}, lit)

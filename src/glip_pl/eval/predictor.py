@@ -246,6 +246,8 @@ def checkpoint_defaults(path) -> dict:
         data = (yaml.safe_load(text) or {}).get("data") or {}
     except (yaml.YAMLError, AttributeError):
         return {}
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):  # saved as class_path + init_args
+        data = data["init_args"]
     out = {}
     for key, name in (("val_size", "min_size"), ("val_max_size", "max_size")):
         v = data.get(key) if isinstance(data, dict) else None

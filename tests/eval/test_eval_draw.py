@@ -1,4 +1,5 @@
-"""Prediction pictures: the best phrase of an object is the label on top, one box per object, labels inside the image."""
+"""Prediction pictures: the best phrase of an object is the label on top, one box per object, labels inside the
+image."""
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ def test_best_label_is_the_one_visible_at_the_box_top_left(order):
     """Two overlapping boxes of different phrases: 0.9 "blue triangle" and 0.3 "red circle". The tag at the box's
     top-left shows the 0.9 label's colour whatever order the detections come in (the old drawing painted the last,
     i.e. the lowest-scoring, over it)."""
-    dets = [([40, 50, 120, 130], BLUE_TRIANGLE, "blue triangle", 0.9), ([40, 52, 121, 128], RED_CIRCLE, "red circle", 0.3)]
+    dets = [([40, 50, 120, 130], BLUE_TRIANGLE, "blue triangle", 0.9),
+            ([40, 52, 121, 128], RED_CIRCLE, "red circle", 0.3)]
     dets = [dets[i] for i in order]
     boxes, labels, texts, scores = (list(x) for x in zip(*dets))
     img = np.asarray(draw_boxes(_background(), boxes, labels, texts, scores))

@@ -12,12 +12,13 @@ import yaml
 from PIL import Image
 
 from glip_pl.cli import main
+from glip_pl.eval.cli_predict import DEFAULT_THRESHOLD
 from glip_pl.eval.predictor import Predictor, checkpoint_defaults
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(model file with no sizes, Lightning-style checkpoint whose saved config says val_size 256 / val_max_size 400)."""
+    """(model file with no sizes, Lightning-style checkpoint whose saved config says val_size 256, val_max_size 400)."""
     from glip_pl.model import build_glip
 
     torch.manual_seed(0)
@@ -65,12 +66,12 @@ def test_predict_cli_resizes_to_the_checkpoint_size_on_the_auto_device(tiny, tmp
                  str(tmp_path / "o1")]) == 0
     settings = json.loads((tmp_path / "o1" / "predictions.json").read_text())["settings"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert settings == {"min_size": 256, "max_size": 400, "threshold": 0.5, "device": device}
+    assert settings == {"min_size": 256, "max_size": 400, "threshold": DEFAULT_THRESHOLD, "device": device}
     assert "shorter side 256" in capsys.readouterr().out
     assert main(["predict", "--ckpt", str(plain), "--image", str(folder), "--prompt", "a cat", "--out",
                  str(tmp_path / "o2"), "--device", "cpu", "--max-size", "900"]) == 0
     settings = json.loads((tmp_path / "o2" / "predictions.json").read_text())["settings"]
-    assert settings == {"min_size": 800, "max_size": 900, "threshold": 0.5, "device": "cpu"}
+    assert settings == {"min_size": 800, "max_size": 900, "threshold": DEFAULT_THRESHOLD, "device": "cpu"}
 
 
 def test_score_thresh_is_a_deprecated_alias_of_threshold_that_warns_once(tiny, tmp_path, capsys):

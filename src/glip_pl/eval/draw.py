@@ -3,9 +3,9 @@
 GLIP scores every phrase at every place, so one object usually carries boxes of several phrases, nearly equal. Drawn
 one by one they stack several deep and whichever is painted last reads as the answer. Here the boxes of different
 phrases that overlap (IoU >= ``group_iou``, 0.7) are one object: its best box is drawn once, with one tag holding the
-best phrase and score in the normal font at the box's top-left corner and the runners-up smaller beyond it. Objects are painted from the lowest
-best score up, so where two objects' tags overlap the better one is readable; tags are moved (and long texts
-shortened) to stay inside the image.
+best phrase and score in the normal font at the box's top-left corner and the runners-up smaller beyond it. Objects
+are painted from the lowest best score up, so where two objects' tags overlap the better one is readable; tags are
+moved (and long texts shortened) to stay inside the image.
 """
 
 from __future__ import annotations

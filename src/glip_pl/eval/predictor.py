@@ -229,8 +229,8 @@ def pick_device(device: Union[None, str, torch.device] = None) -> torch.device:
 
 def checkpoint_defaults(path) -> dict:
     """Image sizes the checkpoint was validated at: ``{"min_size", "max_size"}`` from ``data.val_size`` /
-    ``data.val_max_size`` of the config a Lightning checkpoint of the GLIP module saves (``glip_pl_config``, also kept by
-    ``glip-pl consolidate``); ``{}`` when it records none (a glip_pl model file, an imported official model: the
+    ``data.val_max_size`` of the config a Lightning checkpoint of the GLIP module saves (``glip_pl_config``, also kept
+    by ``glip-pl consolidate``); ``{}`` when it records none (a glip_pl model file, an imported official model: the
     official 800/1333 apply). A model trained on 256 px scenes and fed 800 px ones sees objects three times the size it
     learnt and fires on their parts."""
     try:  # mmap: only the small dicts are read, not the weights

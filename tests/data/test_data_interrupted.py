@@ -135,11 +135,13 @@ def _cli(args, **kw):
 
 def _wait_for_new_shards(folder, n, proc, timeout=60):
     """Until the running conversion has written ``n`` shards (anywhere under ``folder``: staged or in place)."""
-    t0 = time.time()
+    def shards():
+        return {(os.path.join(d, f), os.stat(os.path.join(d, f)).st_mtime_ns)
+                for d, _, fs in os.walk(folder) for f in fs if f.endswith(".tar")}
+
+    before, t0 = shards(), time.time()  # the copied old set can be younger than a second: compare, not by age
     while time.time() - t0 < timeout:
-        new = [f for d, _, fs in os.walk(folder) for f in fs
-               if f.endswith(".tar") and os.stat(os.path.join(d, f)).st_mtime > t0 - 1]
-        if len(new) >= n:
+        if len(shards() - before) >= n:
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.02)

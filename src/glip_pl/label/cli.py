@@ -91,13 +91,21 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..model.types import GLIPInputError
-    from .job import run_label
+    from ..run_lock import RunLock, RunLockHeld
+    from .job import _rank_world, run_label
     from .phrases import SpacyModelMissing
 
     torch.set_num_threads(1) if not torch.cuda.is_available() else None
     cfg = load_config(args.config, flag_overrides(args))
+    # one labelling job per output folder (rank 0 holds the lock; the other ranks write their own shards)
+    lock = RunLock(cfg.output, "glip-pl pseudo-label") if cfg.output and _rank_world()[0] == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         result = run_label(cfg)
-    except (SpacyModelMissing, GLIPInputError, FileNotFoundError, FileExistsError) as e:
+    except (SpacyModelMissing, GLIPInputError, FileNotFoundError, FileExistsError, RunLockHeld) as e:
         raise SystemExit(f"pseudo-label: {e}") from None
+    finally:
+        if lock is not None:
+            lock.release()
     return 0 if result["entry"] is not None or result["done"] is not None else 1

@@ -5,7 +5,8 @@
   leaves a ``.tmp`` and the previous checkpoint intact; ``keep_last`` keeps the newest K step checkpoints
   (besides ``last.ckpt``).
 * ``find_resume_checkpoint``: the newest checkpoint in a directory that loads (zip intact, ``torch.load`` with
-  ``weights_only=True``); a truncated or half-written one is skipped with a warning naming it.
+  ``weights_only=True``); a truncated or half-written one is skipped with a warning naming it and saying what
+  happens instead, and (auto-resume) moved aside to ``<name>.corrupt-<time>``, never deleted.
 * ``PreemptionCheckpoint``: a callback that catches SIGTERM and SIGUSR1 (Slurm's preemption/time-limit warning,
   ``#SBATCH --signal=USR1@90``), and at the next step boundary — agreed on by all ranks — writes ``last.ckpt``
   and stops cleanly. We install our own handler rather than rely on Lightning's: Lightning's SIGUSR1 handler
@@ -19,10 +20,12 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from typing import Optional, Sequence
@@ -34,41 +37,78 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 # --------------------------------------------------------------------------------------------------- validity
 def checkpoint_problem(path: str) -> Optional[str]:
-    """None when ``path`` is a loadable Lightning checkpoint, else why not (truncated, not a zip, ...)."""
+    """None when ``path`` is a loadable Lightning checkpoint, else why not, in one line (truncated, empty, needs
+    unpickling, ...)."""
     if os.path.isdir(path):  # sharded (DeepSpeed/FSDP) checkpoints: a directory, complete once renamed
         return None if os.listdir(path) else "empty checkpoint directory"
+    if not os.path.exists(path):
+        return "no such file"
     try:
         if os.path.getsize(path) == 0:
-            return "empty file"
+            return "empty file (0 bytes)"
         with zipfile.ZipFile(path) as z:  # torch.save's format; the central directory is written last
             z.namelist()
         ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # BadZipFile, RuntimeError (truncated records), UnpicklingError, OSError
-        return f"{type(e).__name__}: {e}"
+    except zipfile.BadZipFile:
+        return f"truncated or not a torch.save file ({os.path.getsize(path)} bytes, no complete zip directory)"
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; its "unsupported GLOBAL x" line says what the file wanted to run
+        what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        return ("needs unpickling of arbitrary Python objects, refused: checkpoints are read with "
+                f"torch.load(weights_only=True){' (' + what + ')' if what else ''}")
+    except Exception as e:  # RuntimeError (truncated records), OSError
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"{type(e).__name__}: {first}"
     if not isinstance(ck, dict) or "state_dict" not in ck or "global_step" not in ck:
         return "not a Lightning training checkpoint (no state_dict/global_step)"
     return None
 
 
-def find_resume_checkpoint(dirpath: str, verbose: bool = True) -> Optional[str]:
+def set_aside(path: str) -> Optional[str]:
+    """Rename a bad checkpoint to ``<path>.corrupt-<time>`` (kept for inspection, never deleted, and no longer a
+    ``*.ckpt`` that a later resume would pick); None when it is already gone (another rank moved it)."""
+    dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 0
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    return dest
+
+
+def find_resume_checkpoint(dirpath: str, verbose: bool = True, move_bad: bool = False) -> Optional[str]:
     """The newest valid ``*.ckpt`` in ``dirpath`` (``last.ckpt`` first among equals), or None.
 
-    Invalid ones (a write cut by the kill, a disk that filled up) are reported and passed over, so a requeued
-    job falls back to the previous checkpoint instead of crashing on ``last.ckpt``.
+    Invalid ones newer than it (a write cut by the kill, a disk that filled up) are reported and passed over, so a
+    requeued job falls back to the previous checkpoint instead of crashing on ``last.ckpt``. ``move_bad`` (the
+    auto-resume of ``glip-pl fit``, on rank 0) also renames each to ``<name>.corrupt-<time>``: the new run then
+    writes ``last.ckpt`` again (not ``last-v1.ckpt`` beside the bad one) and a later resume does not meet it again.
     """
     if not dirpath or not os.path.isdir(dirpath):
         return None
     cands = [p for p in glob.glob(os.path.join(dirpath, "*.ckpt"))]
     cands.sort(key=lambda p: (os.path.getmtime(p), os.path.basename(p) == "last.ckpt"), reverse=True)
+    bad = []
+    found = None
     for p in cands:
         why = checkpoint_problem(p)
         if why is None:
-            return p
-        msg = f"[glip_pl] skipping invalid checkpoint {p} ({why}); falling back to the previous one"
+            found = p
+            break
+        bad.append((p, why))
+    for p, why in bad:
+        moved = set_aside(p) if move_bad else None
+        then = (f"resuming from the previous valid one, {found}" if found else
+                "no earlier valid checkpoint here: this run starts from step 0")
+        msg = (f"[glip_pl] skipping invalid checkpoint {p} ({why})"
+               f"{'; moved aside to ' + moved if moved else ''}; {then}")
         warnings.warn(msg, stacklevel=2)
         if verbose:
             print(msg, file=sys.stderr)
-    return None
+    return found
 
 
 def _fsync(path: str) -> None:

@@ -9,28 +9,41 @@
   (a requeued or restarted job), ``fit`` resumes from it — or from a newer Slurm preemption checkpoint
   ``<run>/hpc_ckpt_<n>.ckpt`` (``prefer_hpc_checkpoint``); ``--ckpt_path none`` forces a fresh start.
 - Auto-resume takes the newest checkpoint that loads (``glip_pl.lit.checkpointing.find_resume_checkpoint``): a
-  truncated or half-written ``last.ckpt`` is reported and the previous checkpoint used. Checkpoints are read with
-  ``torch.load(weights_only=True)`` (``--weights_only`` defaults to true here; Lightning 2.6.6 passes ``None``,
-  i.e. torch's default, otherwise) — a checkpoint that needs arbitrary unpickling is refused, not executed.
-- Recipes are YAML read with a safe loader (jsonargparse's, a ``yaml.SafeLoader``: no python tags). The only
-  classes a recipe or a command-line flag can name (``class_path``) are those LightningCLI instantiates for
-  ``trainer.callbacks``, ``trainer.logger``, ``trainer.plugins``, ``trainer.strategy`` and ``trainer.profiler``,
-  and only from: ``lightning.pytorch.{callbacks,loggers,strategies,plugins,profilers,accelerators}``,
-  ``lightning.fabric.plugins.environments`` and ``glip_pl.lit`` (``ALLOWED_CLASS_PREFIXES``). Anything else is
-  refused before it is imported (``check_class_paths``), so a downloaded recipe cannot run code.
+  truncated or half-written ``last.ckpt`` is reported, moved aside to ``last.ckpt.corrupt-<time>`` (never deleted)
+  and the previous checkpoint used — or, with none, the run starts from step 0 and writes ``last.ckpt`` anew. An
+  explicit ``--ckpt_path`` that does not load (fit, validate, test) is one line naming the file and why, exit 1.
+  Checkpoints are read with ``torch.load(weights_only=True)`` (``--weights_only`` defaults to true here for every
+  subcommand; Lightning 2.6.6 passes ``None``, i.e. torch's default, otherwise) — a checkpoint that needs arbitrary
+  unpickling is refused, not executed.
+- One ``fit`` per run directory: rank 0 holds ``<run>/glip_pl.lock`` (``glip_pl.run_lock``: host, pid, Slurm job)
+  until it exits; a second ``fit`` on the directory is refused naming the holder (a dead holder on this host, or
+  a requeue of the same Slurm job, is taken over).
+- Recipes are YAML read with a safe loader (jsonargparse's, a ``yaml.SafeLoader``: no python tags). A recipe or a
+  flag can name classes only from ``ALLOWED_CLASS_PREFIXES`` (Lightning's callbacks, loggers, strategies, plugins,
+  profilers, accelerators, cluster environments, and ``glip_pl.lit``), no function anywhere and no
+  ``LambdaCallback``: jsonargparse's import path policy is set to deny everything else while the CLI parses and
+  instantiates, so every route by which it turns a string into an object (``class_path`` at any depth, Callable /
+  type parameters, ``dict_kwargs``, flags, inline JSON) is refused before the import, naming the recipe key
+  (``glip_pl.lit.allowlist``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from glip_pl.lit.allowlist import (  # noqa: F401  (re-exported: the allow-list's public names)
+    ALLOWED_CLASS_PREFIXES, RecipeRefused, check_class_paths, class_path_allowed, denied_import_error, import_policy,
+    refuse_callables,
+)
 from glip_pl.lit.datamodule import GroundingDataModule
+from glip_pl.lit.logging import launch_rank
 from glip_pl.lit.module import GLIPLitModule
 
 
@@ -48,71 +61,6 @@ class _SaveConfig(SaveConfigCallback):
         checkpoint["glip_pl_config"] = self.parser.dump(self.config, skip_none=False)
 
 
-ALLOWED_CLASS_PREFIXES = (
-    "lightning.pytorch.callbacks.", "lightning.pytorch.loggers.", "lightning.pytorch.strategies.",
-    "lightning.pytorch.plugins.", "lightning.pytorch.profilers.", "lightning.pytorch.accelerators.",
-    "lightning.fabric.plugins.environments.", "glip_pl.lit.", "glip_pl.label.datamodule.",
-)
-
-
-def _class_paths(obj, where: str = ""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k == "class_path":
-                yield where or "<root>", v
-            yield from _class_paths(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _class_paths(v, f"{where}[{i}]")
-
-
-def class_path_allowed(path) -> bool:
-    """A bare class name (resolved by jsonargparse among already imported subclasses) or an allowed dotted one."""
-    import re
-
-    if not isinstance(path, str) or not re.fullmatch(r"[A-Za-z_][\w.]*", path):
-        return False
-    return "." not in path or (path.startswith(ALLOWED_CLASS_PREFIXES) and path.rsplit(".", 1)[1][:1].isupper())
-
-
-def check_class_paths(args) -> None:
-    """Refuse, before anything is imported, a ``class_path`` outside ``ALLOWED_CLASS_PREFIXES`` in the config files
-    (``--config``) or in flags (``--x.class_path=...``, inline yaml/json values, ``--trainer.callbacks+=Dotted``)."""
-    import yaml
-
-    bad = []
-    args = [str(a) for a in (args or [])]
-    for i, a in enumerate(args):
-        flag, eq, value = a.partition("=")
-        if not eq and flag.startswith("--") and i + 1 < len(args):
-            value = args[i + 1]
-        elif not eq:
-            continue
-        if flag == "--config" and os.path.isfile(value):
-            try:
-                docs = [yaml.safe_load(Path(value).read_text())]
-            except yaml.YAMLError as e:
-                raise SystemExit(f"[glip_pl] {value}: not safe YAML: {e}")
-            bad += [(f"{value}: {w}", c) for w, c in _class_paths(docs[0]) if not class_path_allowed(c)]
-            continue
-        if flag.endswith(".class_path") or (flag.startswith(("--trainer.callbacks", "--trainer.logger",
-                                                             "--trainer.strategy", "--trainer.plugins",
-                                                             "--trainer.profiler")) and "." in value
-                                            and not value.lstrip().startswith(("{", "[", "-"))):
-            if not class_path_allowed(value):
-                bad.append((flag, value))
-            continue
-        if value.lstrip().startswith(("{", "[")):
-            try:
-                doc = yaml.safe_load(value)
-            except yaml.YAMLError:
-                continue
-            bad += [(f"{flag}: {w}", c) for w, c in _class_paths(doc) if not class_path_allowed(c)]
-    if bad:
-        lines = "\n".join(f"  {w}: {c!r}" for w, c in bad)
-        raise SystemExit(f"[glip_pl] refusing class_path(s) outside the allow-list {ALLOWED_CLASS_PREFIXES}:\n{lines}")
-
-
 class GLIPCLI(LightningCLI):
     """LightningCLI with the project's checks and defaults. ``data`` takes ``GroundingDataModule``'s arguments
     directly, or ``class_path: glip_pl.label.datamodule.TeacherStudentDataModule`` (gold + pseudo-labelled sources)
@@ -120,11 +68,40 @@ class GLIPCLI(LightningCLI):
 
     def __init__(self, model_class=GLIPLitModule, datamodule_class=GroundingDataModule, *args,
                  subclass_mode_data: bool = True, **kwargs):
-        super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+        self._run_lock = None
+        try:
+            super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+        finally:  # LightningCLI runs the subcommand inside __init__
+            if self._run_lock is not None:
+                self._run_lock.release()
 
     def parse_arguments(self, parser, args) -> None:
-        check_class_paths(sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        check_class_paths(argv)
+        # errors come back here (not printed and exited inside jsonargparse) so that a denied import is reported as
+        # the recipe key that asked for it
+        parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
+        exits = [p.exit_on_error for p in parsers]
+        for p in parsers:
+            p.exit_on_error = False
+        try:
+            with import_policy():
+                super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            refused = denied_import_error(str(e), argv)
+            if refused is not None:
+                raise refused from None
+            for p, ex in zip(parsers, exits):
+                p.exit_on_error = ex
+            parser.error(str(e), e)  # jsonargparse's usual report (usage + message, exit 2)
+        finally:
+            for p, ex in zip(parsers, exits):
+                p.exit_on_error = ex
+        refuse_callables(self.config, argv, self.config.get("subcommand"))
+
+    def instantiate_classes(self) -> None:
+        with import_policy():
+            super().instantiate_classes()
 
     def add_arguments_to_parser(self, parser) -> None:
         if self.subclass_mode_data:  # plain ``data:`` keys configure the default data module
@@ -145,6 +122,14 @@ class GLIPCLI(LightningCLI):
         cfg = self.config[sub] if sub else self.config
         root = cfg.trainer.default_root_dir or "runs/default"
         cfg.trainer.default_root_dir = root
+        if sub == "fit" and launch_rank() == 0:
+            # before anything is built: the logger takes the run's W&B id, auto-resume may move files
+            from glip_pl.run_lock import RunLock, RunLockHeld
+
+            try:
+                self._run_lock = RunLock(root, "glip-pl fit").acquire()
+            except RunLockHeld as e:
+                raise SystemExit(f"[glip_pl] fit: {e}") from None
         # the data module hands out its own per-rank shard streams: no DistributedSampler
         cfg.trainer.use_distributed_sampler = False
         if cfg.trainer.accelerator == "cpu" and cfg.get("cpu_threads", 1):
@@ -162,33 +147,53 @@ class GLIPCLI(LightningCLI):
                 trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a file that does not load is one line
+        naming it and why (not a traceback from torch), and the hyper-parameters, parsed like a recipe, are held to
+        the same import policy."""
+        sub = self.config.get("subcommand")
+        ck = self.config[sub].get("ckpt_path") if sub else None
+        if isinstance(ck, str) and ck.lower() != "none" and ck.split(":")[0] not in LIGHTNING_CKPT_KEYWORDS:
+            from glip_pl.lit.checkpointing import checkpoint_problem
+
+            why = checkpoint_problem(ck)
+            if why is not None:
+                raise SystemExit(f"[glip_pl] {sub} --ckpt_path {ck}: {why}")
+        with import_policy():
+            super()._parse_ckpt_path()
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         cfg = self.config[subcommand]
-        if subcommand == "fit":
-            ck = kwargs.get("ckpt_path")
-            if isinstance(ck, str) and ck.lower() == "none":
-                kwargs["ckpt_path"] = None
-            elif ck is None and cfg.get("auto_resume", True):
-                last = prefer_hpc_checkpoint(self.trainer.default_root_dir, self._newest_valid_checkpoint())
-                if last:
-                    print(f"[glip_pl] resuming from {last}", file=sys.stderr)
-                    kwargs["ckpt_path"] = str(last)
-            if kwargs.get("weights_only") is None:
-                kwargs["weights_only"] = True
+        ck = kwargs.get("ckpt_path")
+        if isinstance(ck, str) and ck.lower() == "none":
+            kwargs["ckpt_path"] = None
+        elif subcommand == "fit" and ck is None and cfg.get("auto_resume", True):
+            last = prefer_hpc_checkpoint(self.trainer.default_root_dir, self._newest_valid_checkpoint())
+            if last:
+                print(f"[glip_pl] resuming from {last}", file=sys.stderr)
+                kwargs["ckpt_path"] = str(last)
+        if "weights_only" in kwargs and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = True
         return kwargs
 
     def _newest_valid_checkpoint(self):
-        """The newest loadable checkpoint of this run (truncated/half-written ones are passed over with a warning)."""
+        """The newest loadable checkpoint of this run; newer bad ones are reported and (rank 0) moved aside."""
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
         from glip_pl.lit.checkpointing import find_resume_checkpoint
 
         dirs = [c.dirpath for c in self.trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath]
         dirs.append(str(Path(self.trainer.default_root_dir) / "checkpoints"))
         for d in dict.fromkeys(dirs):
-            found = find_resume_checkpoint(d)
+            found = find_resume_checkpoint(d, move_bad=getattr(rank_zero_only, "rank", 0) == 0)
             if found:
                 return found
         return None
+
+
+# ckpt_path values that Lightning resolves itself (validate/test/predict: from the trainer's checkpoint callbacks)
+LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 def prefer_hpc_checkpoint(root, chosen: Optional[str]) -> Optional[str]:

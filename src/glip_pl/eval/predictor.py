@@ -240,8 +240,10 @@ def checkpoint_defaults(path) -> dict:
     text = obj.get("glip_pl_config") if isinstance(obj, dict) else None
     if not isinstance(text, str):
         return {}
-    import yaml
-
+    try:
+        import yaml
+    except ImportError:  # the core install (no training extra) predicts from model files; sizes are printed
+        return {}
     try:
         data = (yaml.safe_load(text) or {}).get("data") or {}
     except (yaml.YAMLError, AttributeError):

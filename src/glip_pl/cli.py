@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"LightningCLI {name}: glip-pl {name} --config RECIPE.yaml (see --help)", add_help=False)
+    sub.add_parser(BATCH_PREDICT, help="LightningCLI predict: glip-pl predict-batch --config RECIPE.yaml (see --help)",
+                   add_help=False)
     for name, module in COMMANDS.items():
         try:
             importlib.import_module(module).register(sub)
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+BATCH_PREDICT = "predict-batch"  # LightningCLI's predict, apart from ``predict`` (the image predictor)
 
 # pip extra -> (how the message names it, the top-level packages it brings that glip_pl imports); see pyproject.toml
 EXTRAS = {
@@ -53,7 +56,8 @@ EXTRAS = {
 }
 # Commands checked up front (a job should not fail half-way, after loading a model, on a missing package); the
 # label extra includes train. Other commands fall back to the ModuleNotFoundError they hit.
-COMMAND_EXTRA = {"fit": "train", "validate": "train", "test": "train", "demo": "train", "pseudo-label": "label"}
+COMMAND_EXTRA = {"fit": "train", "validate": "train", "test": "train", BATCH_PREDICT: "train", "demo": "train",
+                 "pseudo-label": "label"}
 NEEDS = {"train": ("lightning", "webdataset", "jsonargparse"), "label": ("lightning", "webdataset", "spacy")}
 
 
@@ -78,10 +82,14 @@ def missing_extra(command: str, error: ModuleNotFoundError):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Training/evaluation runs go to LightningCLI (``glip-pl fit --config a.yaml --config b.yaml``). ``predict``
-    # with ``--config`` is LightningCLI's predict; without it, the image predictor (``--ckpt --image --prompt``).
+    # Training/evaluation runs go to LightningCLI (``glip-pl fit --config a.yaml --config b.yaml``).
     command = argv[0] if argv else ""
-    lightning_cli = command in LIGHTNING_COMMANDS or (command == "predict" and ("--config" in argv or "-c" in argv))
+    if command == "predict" and any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
+        # ``predict --config`` used to switch silently to LightningCLI's predict: say where that went
+        print("glip-pl predict: error: --config belongs to LightningCLI's batch predict, now its own command: "
+              f"glip-pl {BATCH_PREDICT} --config RECIPE.yaml ...", file=sys.stderr)
+        return 2
+    lightning_cli = command in LIGHTNING_COMMANDS or command == BATCH_PREDICT
     extra = "train" if lightning_cli else COMMAND_EXTRA.get(command)
     if extra and not {"-h", "--help"} & set(argv[1:2]):
         missing = next((p for p in NEEDS[extra] if not _installed(p)), None)
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
         if lightning_cli:
             from glip_pl.lit.cli import run
 
-            return run(argv)
+            return run(["predict" if command == BATCH_PREDICT else command, *argv[1:]])
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):

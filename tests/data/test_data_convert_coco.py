@@ -144,3 +144,21 @@ def test_small_overhang_is_clipped_and_counted(tmp_path, make_image):
     assert entry["clipped_boxes"] == 1
     s = next(s for s in iter_samples(f"{root}/o") if s.id == "102")
     assert s.boxes[0].tolist() == [50.0, 2.0, 56.0, 7.0]
+
+
+@pytest.mark.parametrize("flag", ["--ann", "--annotations", "-a"])
+def test_every_converter_takes_the_annotation_flag_of_evaluate(tmp_path, make_image, shards_cli, flag):
+    """``glip-pl evaluate`` says --annotations, the converters said --ann: all three spellings work everywhere."""
+    import argparse
+
+    from glip_pl.data.cli import register
+
+    root = str(tmp_path)
+    ann, _ = coco_fixture(root, make_image)
+    assert shards_cli(["coco", flag, ann, "--images", f"{root}/images", "--out", f"{root}/o", "--no-progress"]) == 0
+    assert read_index(f"{root}/o")["splits"]["train"]["count"] == 5
+    parser = argparse.ArgumentParser(prog="glip-pl")
+    register(parser.add_subparsers(dest="command"))
+    for fmt, dest in (("grounding", "ann"), ("odvg", "jsonl")):
+        args = parser.parse_args(["shards", fmt, flag, "x.json", "--out", "o"])
+        assert getattr(args, dest) == "x.json", (fmt, flag)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from glip_pl.cli import main
 
-SIZES = ["--min-size", "64", "--max-size", "100", "--threshold", "0", "--score-thresh", "0"]
+SIZES = ["--min-size", "64", "--max-size", "100", "--threshold", "0"]
 
 
 @pytest.fixture(scope="module")

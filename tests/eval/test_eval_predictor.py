@@ -133,7 +133,7 @@ def test_predict_cli_writes_json_and_png(model, image, tmp_path, capsys):
     register_checkpoint_loader("cli-test", lambda path: model, first=True)
     try:
         rc = main(["predict", "--ckpt", str(ckpt), "--image", str(folder), "--prompt", "a cat. a remote control",
-                   "--out", str(tmp_path / "out"), "--threshold", "0.0", "--score-thresh", "0", "--min-size", "64", "--max-size", "100"])
+                   "--out", str(tmp_path / "out"), "--threshold", "0.0", "--min-size", "64", "--max-size", "100"])
     finally:
         mod.CHECKPOINT_LOADERS.pop("cli-test")
     assert rc == 0

@@ -42,6 +42,12 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _annotations(p: argparse.ArgumentParser, help: str, dest: str = "ann", first: str = "--ann") -> None:
+    # ``glip-pl evaluate`` says --annotations: every converter takes that spelling, its short one and -a too
+    names = [first] + [n for n in ("--ann", "--annotations") if n != first] + ["-a"]
+    p.add_argument(*names, dest=dest, required=True, metavar="FILE", help=f"{help} ({', '.join(names[1:])} also)")
+
+
 def _write_kw(args) -> dict:
     kw = dict(num_workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     if hasattr(args, "target_bytes"):
@@ -148,13 +154,13 @@ def register(subparsers) -> None:
     shards.set_defaults(func=lambda a: (shards.print_help(), 2)[1])
 
     p = sub.add_parser("coco", help="COCO-format detection json + images (COCO, LVIS, Objects365, ODinW)")
-    p.add_argument("--ann", required=True, help="annotation json")
+    _annotations(p, "annotation json")
     p.add_argument("--images", default=None, help="image folder (file_name is relative to it)")
     _common(p)
     p.set_defaults(func=_coco)
 
     p = sub.add_parser("grounding", help="MDETR-style grounding json (GoldG, Flickr30k entities)")
-    p.add_argument("--ann", required=True, help="annotation json, e.g. final_mixed_train_no_coco.json")
+    _annotations(p, "annotation json, e.g. final_mixed_train_no_coco.json")
     p.add_argument("--images", default=None, help="image folder")
     p.add_argument("--image-dir", action="append", metavar="SOURCE=DIR",
                    help="folder for images whose data_source is SOURCE (e.g. coco=.../train2014 gqa=.../images)")
@@ -162,7 +168,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_grounding)
 
     p = sub.add_parser("odvg", help="ODVG jsonl (Open-GroundingDino), detection or grounding")
-    p.add_argument("--jsonl", required=True)
+    _annotations(p, "annotation jsonl, one image record per line", dest="jsonl", first="--jsonl")
     p.add_argument("--images", default=None, help="image folder")
     p.add_argument("--label-map", default=None, help='detection label map json {"0": "person", ...}')
     _common(p)

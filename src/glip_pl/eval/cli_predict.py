@@ -7,6 +7,13 @@ left out of all of them. The output names keep the input's extension (``cat.jpg`
 ``cat.jpg.png``), so ``cat.jpg`` and ``cat.png`` in one folder get outputs of their own, and no output can be named
 ``predictions.json`` (every output name holds an image extension before ``.json`` / ``.png``).
 
+Defaults come from the checkpoint: images are resized as it was validated (``data.val_size`` / ``val_max_size`` of
+the config a Lightning checkpoint saves; 800/1333, the official test size, for a model file that records none), and
+the device is the GPU when there is one. ``--threshold`` (0.4) is the one score cut: detections below it are left
+out, and the post-processor's candidate threshold (the model's ``score_thresh``, 0.05) is lowered to it when it is
+lower, so ``--threshold 0`` keeps every candidate. LightningCLI's predict over a recipe's datamodule is
+``glip-pl predict-batch --config RECIPE.yaml``.
+
 An unreadable image is reported on stderr (one line naming it and why) and counted; the other images are still
 predicted. Exit status: 0 when every image was predicted, 1 when some could not be, 2 for a bad argument,
 checkpoint, prompt or ``--image`` path.
@@ -21,6 +28,22 @@ import sys
 from pathlib import Path
 
 SUMMARY = "predictions.json"
+# The display cut. The checkpoint's own score_thresh (0.05) is the candidate cut of the official post-processor, made
+# for AP, which wants every candidate ranked; a picture wants one box per object. Measured on the suite's shared tiny
+# checkpoint (tests/_tiny_fit.py, box AP ~0.3) at its validation size, 16 synthetic val scenes with 34 objects: at 0.5
+# it draws 14 objects (its scores rarely pass 0.55), at 0.4 34 objects, one per true object and none elsewhere, at 0.3
+# 35 and at 0.2 54. Overlapping phrases are folded into one tag (draw.py), so the lower cut stays readable.
+DEFAULT_THRESHOLD = 0.4
+
+
+class _DeprecatedThreshold(argparse.Action):
+    """``--score-thresh``: an old name of ``--threshold``; sets it and says so once per command."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not getattr(namespace, "_warned_score_thresh", False):
+            print(f"glip-pl predict: warning: {option_string} is deprecated; it is --threshold now", file=sys.stderr)
+            namespace._warned_score_thresh = True
+        namespace.threshold = values
 
 
 def _int_at_least(lo: int):
@@ -54,15 +77,17 @@ def register(subparsers) -> None:
     p.add_argument("--image", required=True, help="an image file or a folder of images")
     p.add_argument("--prompt", required=True, help='phrases separated by ".", e.g. "a cat. a remote control"')
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
-    p.add_argument("--threshold", type=_score, default=0.5,
-                   help="keep detections scoring at least this, in [0, 1] (default 0.5)")
-    p.add_argument("--score-thresh", type=_score, default=None,
-                   help="candidate threshold of the post-processor, in [0, 1] (default: the model's, 0.05 as the "
-                        "official)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--min-size", type=_int_at_least(0), default=800,
-                   help="shorter image side fed to the model; 0 keeps the original size (default 800)")
-    p.add_argument("--max-size", type=_int_at_least(1), default=1333, help="longer side limit (default 1333)")
+    p.add_argument("--threshold", type=_score, default=DEFAULT_THRESHOLD,
+                   help=f"keep detections scoring at least this, in [0, 1] (default {DEFAULT_THRESHOLD}); below the "
+                        "model's candidate threshold (0.05) it lowers that too")
+    p.add_argument("--score-thresh", type=_score, action=_DeprecatedThreshold, dest="threshold",
+                   help="deprecated name of --threshold")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--min-size", type=_int_at_least(0), default=None,
+                   help="shorter image side fed to the model; 0 keeps the original size (default: the checkpoint's "
+                        "validation size, else 800)")
+    p.add_argument("--max-size", type=_int_at_least(1), default=None,
+                   help="longer side limit (default: the checkpoint's validation limit, else 1333)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
     p.add_argument("--loader", default=None, help="name of a registered checkpoint loader (default: try all)")
     p.add_argument("--no-draw", action="store_true", help="write json only")
@@ -88,13 +113,19 @@ def run(args) -> int:
                 if (out / name).resolve() in inputs:
                     raise GLIPInputError(f"output {str(out / name)!r} of {str(f)!r} would overwrite an input image; "
                                          "choose another --out")
-        predictor = Predictor.from_checkpoint(args.ckpt, loader=args.loader, device=args.device,
-                                              min_size=args.min_size, max_size=args.max_size,
-                                              **({} if args.score_thresh is None else {"score_thresh": args.score_thresh}))
+        sizes = {k: v for k, v in (("min_size", args.min_size), ("max_size", args.max_size)) if v is not None}
+        predictor = Predictor.from_checkpoint(args.ckpt, loader=args.loader, device=args.device, **sizes)
+        candidate = getattr(getattr(predictor.model, "cfg", None), "score_thresh", 0.0)
+        if args.threshold < candidate:  # else --threshold 0 could not show what the post-processor cut at 0.05
+            predictor.post["score_thresh"] = args.threshold
         predictor.as_prompt(args.prompt)  # a bad prompt fails before any image is read
     except GLIPInputError as e:
         print(f"glip-pl predict: error: {e}", file=sys.stderr)
         return 2
+    settings = {"min_size": predictor.min_size, "max_size": predictor.max_size, "threshold": args.threshold,
+                "device": str(predictor.device)}
+    print(f"resize: shorter side {predictor.min_size}, longer at most {predictor.max_size}; threshold "
+          f"{args.threshold}; device {predictor.device}")
     out.mkdir(parents=True, exist_ok=True)
     summary, failed = [], []
 
@@ -134,7 +165,7 @@ def run(args) -> int:
             summary.append(rec)
             print(f"{f}: {len(rec['detections'])} detections (score >= {args.threshold})")
     (out / SUMMARY).write_text(json.dumps({"predicted": len(summary), "failed": len(failed), "errors": failed,
-                                           "images": summary}, indent=2) + "\n")
+                                           "settings": settings, "images": summary}, indent=2) + "\n")
     print(f"wrote {len(summary)} image(s) to {out}" + (f"; {len(failed)} failed (listed in {out / SUMMARY})"
                                                         if failed else ""))
     return 1 if failed else 0

@@ -212,19 +212,67 @@ def load_model(path, loader: Union[None, str, CheckpointLoader] = None):
     raise GLIPInputError(f"checkpoint {os.fspath(path)!r}: no loader could read it:\n  " + "\n  ".join(errors))
 
 
+# --------------------------------------------------------------------------------------------- defaults
+
+DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # the official test resize
+
+
+def pick_device(device: Union[None, str, torch.device] = None) -> torch.device:
+    """``device`` as given; ``None`` / ``"auto"``: the GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise GLIPInputError(f"device {device!r}: {e}") from None
+
+
+def checkpoint_defaults(path) -> dict:
+    """Image sizes the checkpoint was validated at: ``{"min_size", "max_size"}`` from ``data.val_size`` /
+    ``data.val_max_size`` of the config a Lightning checkpoint of the GLIP module saves (``glip_pl_config``, also kept
+    by ``glip-pl consolidate``); ``{}`` when it records none (a glip_pl model file, an imported official model: the
+    official 800/1333 apply). A model trained on 256 px scenes and fed 800 px ones sees objects three times the size it
+    learnt and fires on their parts."""
+    try:  # mmap: only the small dicts are read, not the weights
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable / not a zip checkpoint: the loader reports it properly
+        return {}
+    text = obj.get("glip_pl_config") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        return {}
+    try:
+        import yaml
+    except ImportError:  # the core install (no training extra) predicts from model files; sizes are printed
+        return {}
+    try:
+        data = (yaml.safe_load(text) or {}).get("data") or {}
+    except (yaml.YAMLError, AttributeError):
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):  # saved as class_path + init_args
+        data = data["init_args"]
+    out = {}
+    for key, name in (("val_size", "min_size"), ("val_max_size", "max_size")):
+        v = data.get(key) if isinstance(data, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            out[name] = v
+    return out
+
+
 # --------------------------------------------------------------------------------------------- predictor
 
 
 class Predictor:
     """Run a GLIP model on images and free-text prompts.
 
-    ``Predictor(model, device="cpu", min_size=800, max_size=1333, chunk_batch=1, **post)``; ``post`` overrides
+    ``Predictor(model, device="cpu", min_size=800, max_size=1333, chunk_batch=1, **post)`` (``device="auto"``: the
+    GPU when there is one); ``post`` overrides
     post-processing options (``score_thresh``, ``nms_thresh``, ``detections_per_img``, ``pre_nms_top_n``).
     """
 
-    def __init__(self, model, device: Union[str, torch.device] = "cpu", min_size: int = 800,
-                 max_size: Optional[int] = 1333, chunk_batch: int = 1, max_text_len: Optional[int] = None, **post):
-        self.device = torch.device(device)
+    def __init__(self, model, device: Union[None, str, torch.device] = "cpu", min_size: int = DEFAULT_MIN_SIZE,
+                 max_size: Optional[int] = DEFAULT_MAX_SIZE, chunk_batch: int = 1, max_text_len: Optional[int] = None,
+                 **post):
+        self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.min_size, self.max_size = int(min_size), max_size
         self.chunk_batch = int(chunk_batch)
@@ -234,8 +282,14 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path, loader: Union[None, str, CheckpointLoader] = None, **kwargs) -> "Predictor":
-        """Build the model a checkpoint describes (see the module docstring for loaders) and wrap it."""
-        return cls(load_model(path, loader), **kwargs)
+        """Build the model a checkpoint describes (see the module docstring for loaders) and wrap it. ``min_size`` /
+        ``max_size`` not given are the checkpoint's validation sizes when it records them (``checkpoint_defaults``),
+        else 800/1333."""
+        model = load_model(path, loader)
+        recorded = checkpoint_defaults(path)
+        for key, official in (("min_size", DEFAULT_MIN_SIZE), ("max_size", DEFAULT_MAX_SIZE)):
+            kwargs.setdefault(key, recorded.get(key, official))
+        return cls(model, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name: str, use_ema: bool = False, **kwargs) -> "Predictor":
@@ -340,6 +394,8 @@ __all__ = [
     "CHECKPOINT_LOADERS",
     "register_checkpoint_loader",
     "load_model",
+    "checkpoint_defaults",
+    "pick_device",
     "resized_size",
     "to_pil",
     "load_image_record",

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=1, help="timed steps per mode (median)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before the timed ones")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="fp32 always runs (the baseline)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_precision.json"))
@@ -106,12 +107,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    modes = ["fp32"] + [m for m in args.modes if m != "fp32"]
     rows = []
     for preset in args.presets:
         model = build(preset, args.device)
         batch = inputs(model, args.size, args.batch, args.device)
         res = {}
-        for mode in MODES:
+        for mode in modes:
             for _ in range(args.warmup):  # allocations, oneDNN kernel plans
                 step(model, batch, mode, args.device)
             runs = [step(model, batch, mode, args.device) for _ in range(args.reps)]
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
             print(f"{preset} {mode}: {r['seconds']:.2f} s, terms {r['terms']}, grad norm {r['grad_norm']:.6g}, "
                   f"finite {r['finite']}", flush=True)
         ref = res["fp32"]
-        for mode in MODES:
+        for mode in modes:
             r = res[mode]
             rows.append({
                 "preset": preset, "mode": mode, "tokens": r["tokens"], "finite": r["finite"],

@@ -127,7 +127,9 @@ class GLIP(nn.Module):
     # ------------------------------------------------------------------ forward
     def encode_image(self, images: Tensor, image_sizes: Tensor) -> list:
         """Normalise and run Swin+FPN once; the features can be reused for many prompts (LVIS chunks)."""
-        return self.backbone(self.normalize(images, image_sizes))
+        # Normalise in fp32, then hand the backbone its weights' dtype: a model cast to bf16/fp16 (DeepSpeed's
+        # bf16 mode casts the weights and runs no autocast) would otherwise meet an fp32 image in its first conv.
+        return self.backbone(self.normalize(images, image_sizes).to(weight_dtype(self.backbone)))
 
     def encode_text(self, text: TextInputs) -> Tensor:
         """Text features (B,T,D); with prompt tuning the learnable prompt is added here, before the head (and before
@@ -197,6 +199,16 @@ class GLIP(nn.Module):
         return postprocess(outputs, [m.to(outputs.logits.device) for m in token_maps],
                            [tuple(map(int, s)) for s in image_sizes], [tuple(map(int, s)) for s in orig_sizes],
                            self.box_coder, plus_one=c.official_compat, **opts)
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (fp32 when it has none): what its inputs must be in
+    when the weights were cast (``model.to(torch.bfloat16)``, DeepSpeed bf16). Under autocast the weights stay
+    fp32 and autocast casts per op, so fp32 inputs are right there too."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 def build_glip(preset: str = "tiny", **overrides) -> GLIP:

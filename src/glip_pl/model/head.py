@@ -132,7 +132,9 @@ class GLIPHead(nn.Module):
 
     def alignment_logits(self, query_BNC: Tensor, text_BTD: Tensor) -> Tensor:
         """GLIP Eq. 3: region–token scores; text L2-normalised, /2, projected; bias from text + scalar."""
-        emb = F.normalize(text_BTD, p=2, dim=-1)
+        # Normalised in fp32: F.normalize's eps (1e-12) is 0 in fp16, so the zeroed padding tokens of a half model
+        # would give 0/0 = NaN. The result goes back to the text's dtype to meet the projection's weights.
+        emb = F.normalize(text_BTD.float(), p=2, dim=-1).to(text_BTD.dtype)
         proj = self.dot_product_projection_text(emb / 2.0)  # (B, T, C)
         bias = emb @ self.bias_lang + self.bias0  # (B, T)
         logits = (query_BNC @ proj.transpose(1, 2)) / self.log_scale.exp() + bias.unsqueeze(1)

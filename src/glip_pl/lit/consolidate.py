@@ -243,6 +243,11 @@ def consolidate_zero_checkpoint(zero_dir, out, tag: Optional[str] = None, preset
     result = {k: full[k] for k in KEEP if k in full and k != "hyper_parameters"}
     result.update(state_dict={k: v.contiguous() for k, v in sd.items()}, hyper_parameters=hp,
                   consolidated_from=str(zero_dir))
+    return _write(result, out, verify)
+
+
+def _write(result: dict, out, verify: bool) -> dict:
+    """Write the consolidated checkpoint atomically; ``verify``: rebuild the model and load the weights strictly."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_name(out.name + ".tmp")
@@ -291,16 +296,7 @@ def consolidate_dcp_checkpoint(dcp_dir, out, verify: bool = True) -> dict:
         raise ValueError(f"{meta_path}: the checkpoint does not say its preset (no hyper_parameters.preset)")
     result = {k: meta[k] for k in KEEP if k in meta and k != "hyper_parameters"}
     result.update(state_dict=sd, hyper_parameters=hp, consolidated_from=str(dcp_dir))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".tmp")
-    torch.save(result, tmp_out)
-    os.replace(tmp_out, out)
-    if verify:
-        from glip_pl.official import load_glip_checkpoint
-
-        load_glip_checkpoint(out)
-    return result
+    return _write(result, out, verify)
 
 
 def register(subparsers) -> None:
@@ -329,7 +325,7 @@ def _main(args) -> int:
         else:
             res = consolidate_zero_checkpoint(args.zero_dir, args.out, tag=args.tag, preset=args.preset,
                                               model_options=args.model_options, verify=not args.no_verify)
-    except (ValueError, pickle.UnpicklingError) as e:  # GLIPInputError is a ValueError
+    except (ValueError, OSError, pickle.UnpicklingError) as e:  # GLIPInputError is a ValueError
         print(f"glip-pl consolidate: error: {e}", file=sys.stderr)
         return 2
     n = sum(v.numel() for v in res["state_dict"].values())

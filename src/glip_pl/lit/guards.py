@@ -44,7 +44,8 @@ def deepspeed_can_skip(engine) -> bool:
     if engine.fp16_enabled():
         return True
     if engine.bfloat16_enabled():
-        return bool(getattr(getattr(engine._config, "bfloat16_config", None), "check_grad_overflow", True))
+        cfg = getattr(getattr(engine, "_config", None), "bfloat16_config", None)
+        return bool(getattr(cfg, "check_grad_overflow", True))
     return engine.zero_optimization_stage() > 0
 
 

@@ -135,3 +135,89 @@ def test_reduce_mean_is_one_all_reduce_without_a_barrier(monkeypatch):
     finally:
         lit._trainer = None
         dist.destroy_process_group()
+
+
+ENGINE_WORKER = """
+import json, os, sys
+from types import SimpleNamespace
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import torch
+torch.set_num_threads(1)
+import deepspeed
+import deepspeed.comm.torch
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a C++ op that compiles for minutes
+from glip_pl.lit.callbacks import GradNormMonitor
+from glip_pl.lit.guards import NonFiniteGuard
+
+class DeepSpeedStrategy:
+    pass
+
+class Mod(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        self.global_step, self.hparams, self.logged = 0, {"max_bad_steps": 5}, {}
+    def forward(self, x):
+        return self.net(x)
+    def log(self, k, v, **kw):
+        self.logged[k] = float(v)
+    def log_dict(self, d, **kw):
+        self.logged.update({k: float(v) for k, v in d.items()})
+
+deepspeed.init_distributed(dist_backend="gloo")
+mod = Mod()
+opt = torch.optim.AdamW(mod.parameters(), lr=1e-2)
+cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}
+eng, *_ = deepspeed.initialize(model=mod, optimizer=opt, config=cfg, dist_init_required=False)
+trainer = SimpleNamespace(strategy=DeepSpeedStrategy(), model=eng, checkpoint_callback=None, default_root_dir=".",
+                          is_global_zero=True, global_step=0)
+guard, mon = NonFiniteGuard(), GradNormMonitor()
+x = torch.randn(2, 4)
+ref = Mod()
+ref(x).sum().backward()
+res = {"ref_norm": torch.cat([p.grad.flatten() for p in ref.parameters()]).norm().item()}
+loss = guard.check_loss(trainer, mod, eng(x).sum())
+eng.backward(loss)
+mon.on_before_optimizer_step(trainer, mod, opt)
+res["grads_visible"] = sum(p.grad is not None for p in mod.parameters())
+eng.step()
+trainer.global_step = mod.global_step = 1
+guard.on_train_batch_end(trainer, mod, None, None, 0)
+mon.on_train_batch_end(trainer, mod, None, None, 0)
+res["good_applied"], res["ds_norm"] = eng.was_step_applied(), mod.logged.get("grad/norm_total")
+before = [p.detach().clone() for p in mod.parameters()]
+loss = guard.check_loss(trainer, mod, eng(x).sum() * float("nan"))
+eng.backward(loss)
+eng.step()
+trainer.global_step = mod.global_step = 2
+guard.on_train_batch_end(trainer, mod, None, None, 0)  # raises if the engine applied the step
+res.update(bad_applied=eng.was_step_applied(), skipped=eng.skipped_steps, bad_total=guard.bad_total,
+           unchanged=all(torch.equal(a, p) for a, p in zip(before, mod.parameters())))
+print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+def test_a_real_zero2_engine_skips_the_guarded_nonfinite_loss(tmp_path):
+    """Raw DeepSpeed ZeRO-2 (fp32, 1 process, gloo): the guard's NaN loss makes the engine skip the step (weights
+    unchanged, ``skipped_steps`` 1), and the monitored norm of a good step is the engine's global norm, equal to
+    plain torch's (tolerance 1e-5 relative)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-c", ENGINE_WORKER, str(port)], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert res["grads_visible"] == 0  # ZeRO-2 keeps its gradients to itself
+    assert res["good_applied"] and res["ds_norm"] == pytest.approx(res["ref_norm"], rel=1e-5), res
+    assert not res["bad_applied"] and res["skipped"] == 1 and res["unchanged"] and res["bad_total"] == 1, res

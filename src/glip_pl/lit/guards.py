@@ -15,8 +15,9 @@ How a step is skipped depends on the strategy:
   and after each step ``engine.was_step_applied()`` says whether the engine skipped it. Where the engine has no such
   check (ZeRO stage 0 in fp32) a non-finite loss stops the run with the step and the checkpoint to resume from.
 
-``glip-pl fit`` adds this callback when a recipe lists none, and ``GLIPLitModule`` adds one for a plain
-``Trainer`` (``configure_callbacks``), with ``max_bad_steps`` from ``model.max_bad_steps`` unless given here.
+``GLIPLitModule`` adds this callback (``configure_callbacks``) when the trainer has none, so ``glip-pl fit`` and a
+plain ``Trainer`` both get it, with ``max_bad_steps`` from ``model.max_bad_steps`` unless given here; existing recipes
+keep working unchanged.
 """
 
 from __future__ import annotations

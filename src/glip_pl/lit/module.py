@@ -160,7 +160,8 @@ class GLIPLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ reliability
     def configure_callbacks(self):
-        """A ``NonFiniteGuard`` from ``max_bad_steps`` when the trainer has none (``glip-pl fit`` adds one too)."""
+        """A ``NonFiniteGuard`` (limit ``max_bad_steps``) when the trainer has none: every ``glip-pl fit`` and plain
+        ``Trainer`` run gets one; a recipe may list its own (``trainer.callbacks``) to configure it."""
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
             return []

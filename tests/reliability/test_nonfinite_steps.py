@@ -7,6 +7,7 @@ import torch
 
 from glip_pl.lit.checkpointing import AtomicModelCheckpoint
 from glip_pl.lit.datamodule import GroundingDataModule
+from glip_pl.lit.guards import NonFiniteGuard
 from glip_pl.lit.module import GLIPLitModule
 
 
@@ -54,7 +55,8 @@ def test_bad_loss_and_bad_gradients_skip_the_step(tmp_path, synthetic_shards, ca
     assert moved[0] and not moved[1] and not moved[2] and moved[3], moved  # only the bad steps left weights alone
     out = capsys.readouterr().out
     assert "non-finite loss nan; step skipped" in out and "non-finite gradients; step skipped" in out
-    assert model._bad_total == 2 and model._bad_in_row == 0
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert guard.bad_total == 2 and guard.bad_in_row == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

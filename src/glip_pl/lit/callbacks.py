@@ -61,10 +61,18 @@ class EMA(EMAWeightAveraging):
 
 
 class GradNormMonitor(L.Callback):
-    """Logs the total 2-norm of the gradients (``grad/norm_total``) every ``every_n_steps`` optimizer steps.
+    """Logs the total 2-norm of the gradients (``grad/norm_total``) every ``every_n_steps`` optimizer steps: the
+    global norm over all ranks' gradients, the norm the clipping threshold is compared with.
 
-    Taken in ``on_before_optimizer_step``: after the backward pass (and, under DDP, after the gradient all-reduce, so
-    every rank sees the same value) and before clipping — the norm the clipping threshold is compared with.
+    * single process, DDP: taken in ``on_before_optimizer_step``, after the backward pass and the gradient all-reduce
+      (every rank sees the same value) and before clipping;
+    * FSDP2: the gradients are sharded DTensors; the norm of the DTensors is a partial result whose ``full_tensor()``
+      is the global norm (a collective: every rank computes it);
+    * DeepSpeed: ZeRO keeps the gradients in its partitions (no ``.grad`` before the step), so the norm is the
+      engine's own global norm of the step (``engine.get_global_grad_norm()``, unscaled, before clipping), read in
+      ``on_train_batch_end``; inf when the engine skipped the step for overflow, nothing logged when the engine
+      does not compute it. Per-group norms are not available there.
+
     ``per_group``: also one norm per optimizer parameter group (``grad/norm_<group name>``).
     """
 
@@ -72,24 +80,53 @@ class GradNormMonitor(L.Callback):
         self.every = max(int(every_n_steps), 1)
         self.per_group = per_group
         self.last_norm: Optional[float] = None
+        self._taken_at: Optional[int] = None  # the step whose norm on_before_optimizer_step logged
 
     @staticmethod
     def total_norm(params) -> Tensor:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        sharded = [g for g in grads if hasattr(g, "full_tensor")]
+        plain = [g for g in grads if not hasattr(g, "full_tensor")]
+        parts = []
+        if sharded:
+            n = torch.nn.utils.get_total_norm(sharded, norm_type=2.0)
+            parts.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+        if plain:
+            parts.append(torch.nn.utils.get_total_norm(plain, norm_type=2.0))
+        return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack([p.float() for p in parts]))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step % self.every:
             return
+        from glip_pl.lit.guards import is_deepspeed
+
+        if is_deepspeed(trainer) and not any(p.grad is not None for p in pl_module.parameters()):
+            return  # ZeRO: read from the engine after the step (on_train_batch_end)
         total = self.total_norm(pl_module.parameters())
-        self.last_norm = float(total)
+        self.last_norm, self._taken_at = float(total), trainer.global_step
         metrics = {"grad/norm_total": total}
         if self.per_group:
             for i, group in enumerate(optimizer.param_groups):
                 metrics[f"grad/norm_{group.get('name', i)}"] = self.total_norm(group["params"])
         pl_module.log_dict(metrics, rank_zero_only=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from glip_pl.lit.guards import deepspeed_engine, is_deepspeed
+
+        if not is_deepspeed(trainer) or (trainer.global_step - 1) % self.every:
+            return  # global_step already counts the step just taken
+        engine = deepspeed_engine(trainer)
+        if engine is None or not engine.is_gradient_accumulation_boundary():
+            return
+        if self._taken_at == trainer.global_step - 1:
+            return  # ZeRO stage 0 keeps .grad: taken before the step
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            return
+        self.last_norm = float(norm)
+        pl_module.log("grad/norm_total", self.last_norm, rank_zero_only=True, batch_size=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

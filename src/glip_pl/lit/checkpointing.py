@@ -14,6 +14,8 @@
   SIGTERM handling stops DDP ranks without saving. Under Slurm (``SLURM_JOB_ID`` set) rank 0 then requeues the job
   (``scontrol requeue``) unless ``requeue=False``; the requeued job auto-resumes (``glip-pl fit`` picks the newest
   valid checkpoint). ``glip-pl fit`` adds this callback when a recipe does not (``--preemption_checkpoint``).
+* ``save_rng_state`` / ``load_rng_state``: the global RNG states (per rank) in the checkpoint, so a resumed run
+  draws the same random numbers as an uninterrupted one (``GLIPLitModule`` calls them from its checkpoint hooks).
 """
 
 from __future__ import annotations
@@ -314,3 +316,48 @@ class PreemptionCheckpoint(Callback):
             print(f"[glip_pl] scontrol requeue {job}: rc {r.returncode} {r.stderr.strip()}", file=sys.stderr)
         except (OSError, subprocess.SubprocessError) as e:
             print(f"[glip_pl] could not requeue Slurm job {job}: {e}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------- RNG state
+def save_rng_state(checkpoint: dict, trainer=None) -> None:
+    """Put the global RNG states (torch, python, numpy) in ``checkpoint["glip_pl_rng"]``, so a resumed run draws
+    the same dropout and augmentation as an uninterrupted one. Plain types and tensors only: the checkpoint still
+    loads with ``weights_only=True``. Lightning writes rank 0's dict only, so under several ranks every rank's own
+    state goes along in ``by_rank`` (a collective: call it on every rank)."""
+    import random
+
+    import numpy as np
+
+    st = np.random.get_state()
+    py = random.getstate()
+    mine = {
+        "torch": torch.get_rng_state(),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [st[0], torch.from_numpy(st[1].astype("int64")), int(st[2]), int(st[3]), float(st[4])],
+    }
+    checkpoint["glip_pl_rng"] = dict(mine)
+    if trainer is not None and trainer.world_size > 1:
+        from glip_pl.distributed import gather_objects, is_dist
+
+        if is_dist():
+            checkpoint["glip_pl_rng"]["by_rank"] = gather_objects([mine])
+
+
+def load_rng_state(checkpoint: dict, trainer=None) -> bool:
+    """Restore what ``save_rng_state`` saved (this rank's own state when the world size is unchanged); False when
+    the checkpoint carries none."""
+    st = checkpoint.get("glip_pl_rng")
+    if not st:
+        return False
+    import random
+
+    import numpy as np
+
+    by_rank = st.get("by_rank")
+    if by_rank and trainer is not None and len(by_rank) == trainer.world_size:
+        st = {**st, **by_rank[trainer.global_rank]}
+    torch.set_rng_state(st["torch"])
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype("uint32"), n[2], n[3], n[4]))
+    return True

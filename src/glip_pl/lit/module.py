@@ -1,30 +1,23 @@
 """GLIPLitModule: the thin Lightning shell around ``glip_pl.model`` (training/validation steps, optimiser).
 
-Optimiser and schedule as the official pretraining recipes (reference §5): AdamW, lr 1e-4, language backbone
-1e-5, weight decay per recipe, optional official bias rule (every tensor whose name contains "bias": 2× lr, no
-decay), linear warmup from 0.001 over 2000 steps, step decay ×0.1 at 67% / 89% of the run (cosine optional).
-``schedule: autostep`` is the official fine-tune's auto-step (``SOLVER.USE_AUTOSTEP``, ``WarmupReduceLROnPlateau``):
-the lr is multiplied by ``gamma`` whenever val box AP has not beaten its best by more than 1e-4 (absolute) for
-``autostep_patience`` validations (official ``STEP_PATIENCE`` 3), with a cooldown of one validation after each decay
-and before the first; rank 0's AP decides for every rank, and the state travels with the checkpoint.
-The positive-count normaliser of the loss is averaged across ranks through ``strategy.reduce`` (the hook the
-criterion exposes as ``reduce_mean``).
+Each concern beside the steps has its own file: the optimiser, its parameter groups and the lr schedules
+(step/cosine/constant and the official auto-step) in ``lit/optim.py``; the non-finite loss/gradient guard in
+``lit/guards.py`` (``NonFiniteGuard``, a callback this module adds when the trainer has none, configured by
+``max_bad_steps``); the RNG state that travels with the checkpoint in ``lit/checkpointing.py``; validation box AP
+in ``lit/metrics.py`` on top of ``eval/coco.py``. Under auto-step, rank 0's AP decides for every rank and the
+plateau state travels with the checkpoint. The positive-count normaliser of the loss is averaged across ranks
+with one all-reduce (the hook the criterion exposes as ``reduce_mean``).
 
-Reliability (issue 9): a step whose loss (on any rank) or gradients are NaN/Inf is skipped and counted
-(``train/bad_steps``); ``max_bad_steps`` consecutive bad steps stop the run with the step and the checkpoint to
-resume from. Bad samples skipped by the data pipeline are logged per reason (``data/skipped/<reason>``) and the
-run stops when their fraction, summed over ranks so all ranks stop together, passes ``data.max_skip_fraction``.
-The global RNG states travel with the checkpoint, so a resumed run draws the same dropout as an uninterrupted
-one. ``GLIP_PL_RECORD_IDS=<file>`` appends each step's sample ids (one json line per step and rank): a debug
-and test aid for exact-resume checks.
+Bad samples skipped by the data pipeline are logged per reason (``data/skipped/<reason>``) and the run stops when
+their fraction, summed over ranks so all ranks stop together, passes ``data.max_skip_fraction``.
+``GLIP_PL_RECORD_IDS=<file>`` appends each step's sample ids (one json line per step and rank): a debug and test
+aid for exact-resume checks.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import time
 from typing import Optional
 
@@ -32,12 +25,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from glip_pl.lit import optim
+from glip_pl.lit.checkpointing import load_rng_state, save_rng_state
+from glip_pl.lit.guards import NonFiniteGuard
+from glip_pl.lit.optim import AUTOSTEP_COOLDOWN, AUTOSTEP_THRESHOLD, SCHEDULES  # noqa: F401 (re-exported)
 from glip_pl.model import build_glip
 from glip_pl.model.types import GLIPInputError
-
-
-SCHEDULES = ("step", "cosine", "constant", "autostep")
-AUTOSTEP_COOLDOWN, AUTOSTEP_THRESHOLD = 1, 1e-4  # the official WarmupReduceLROnPlateau's constants
 
 
 class GLIPLitModule(L.LightningModule):
@@ -94,18 +87,32 @@ class GLIPLitModule(L.LightningModule):
         self._val_gt: list = []
         self._val_dt: list = []
         self._t_last: Optional[float] = None
-        self._bad_in_row = 0
-        self._bad_total = 0
-        self._bad_first = 0
-        self.autostep_state = {"best": -math.inf, "bad": 0, "cooldown": AUTOSTEP_COOLDOWN, "stage": 0}
+        self._autostep = optim.AutoStep(autostep_patience)
+
+    @property
+    def autostep_state(self) -> dict:
+        return self._autostep.state
+
+    @autostep_state.setter
+    def autostep_state(self, value: dict) -> None:
+        self._autostep.state = value
 
     # ------------------------------------------------------------------ distributed hook
     def _reduce_mean(self, value: Tensor) -> Tensor:
-        """Average a normaliser across ranks (the positive-count all-reduce of the official loss)."""
+        """Average a normaliser across ranks (the positive-count all-reduce of the official loss).
+
+        A plain all-reduce: Lightning's ``strategy.reduce`` runs a barrier first (a host block every step, and two
+        graph breaks under ``compile_step``)."""
         trainer = getattr(self, "_trainer", None)
         if trainer is None or trainer.world_size == 1:
             return value
-        return trainer.strategy.reduce(value.detach().clone(), reduce_op="mean")
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / dist.get_world_size()
 
     def configure_model(self):
         # FSDP2 shards here under ModelParallelStrategy (glip_pl.lit.strategies); other strategies: no-op
@@ -138,9 +145,11 @@ class GLIPLitModule(L.LightningModule):
         terms = self._train_terms(batch)
         total = self.model.criterion.total(terms)
         bs = len(batch)
-        if not self._all_finite(total):
-            self._bad_step(f"loss {float(total.detach())}")
-            return None  # Lightning skips backward and the optimiser step (on every rank: the flag was reduced)
+        guard = self._guard()
+        if guard is not None:
+            checked = guard.check_loss(self.trainer, self, total)
+            if checked is not total:  # skipped: None, or under DeepSpeed a loss that makes the engine skip
+                return checked
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs, sync_dist=False)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
         now = time.perf_counter()
@@ -154,44 +163,21 @@ class GLIPLitModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         for i, group in enumerate(optimizer.param_groups):
             self.log(f"lr/{group.get('name', i)}", group["lr"], rank_zero_only=True)
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:  # the loss was not finite: training_step returned None, nothing to check
-            return
-        # gradients are already all-reduced (DDP), so every rank reaches the same verdict
-        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            self._bad_step("gradients")
-            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
-        else:
-            self._bad_in_row = 0
 
     # ------------------------------------------------------------------ reliability
-    def _all_finite(self, total: Tensor) -> bool:
-        ok = torch.isfinite(total.detach()).all().float()
+    def configure_callbacks(self):
+        """A ``NonFiniteGuard`` (limit ``max_bad_steps``) when the trainer has none: every ``glip-pl fit`` and plain
+        ``Trainer`` run gets one; a recipe may list its own (``trainer.callbacks``) to configure it."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1:  # all ranks skip together or none does
-            ok = trainer.strategy.reduce(ok.clone(), reduce_op="min")
-        return bool(ok > 0)
+        if trainer is not None and any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+            return []
+        return [NonFiniteGuard()]
 
-    def _bad_step(self, what: str) -> None:
-        step = self.global_step
-        if self._bad_in_row == 0:
-            self._bad_first = step
-        self._bad_in_row += 1
-        self._bad_total += 1
-        print(f"[glip_pl] step {step}: non-finite {what}; step skipped ({self._bad_in_row} in a row)", flush=True)
-        self.log("train/bad_steps", float(self._bad_total), rank_zero_only=True, batch_size=1)
-        limit = int(self.hparams.get("max_bad_steps", 5) or 0)
-        if limit and self._bad_in_row >= limit:
-            from glip_pl.lit.checkpointing import find_resume_checkpoint
-
-            trainer = self.trainer
-            d = getattr(trainer.checkpoint_callback, "dirpath", None) or os.path.join(
-                trainer.default_root_dir, "checkpoints")
-            ck = find_resume_checkpoint(d, verbose=False)
-            raise RuntimeError(
-                f"{self._bad_in_row} consecutive training steps with non-finite {what} (steps {self._bad_first} to {step}, "
-                f"limit model.max_bad_steps={limit}); resume from {ck or 'no valid checkpoint found in ' + str(d)} "
-                "with a lower learning rate or after checking the data")
+    def _guard(self) -> Optional[NonFiniteGuard]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return None
+        return next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
 
     def _check_skips(self, batch) -> None:
         """Log skipped samples per reason; stop every rank together when too many were skipped."""
@@ -229,46 +215,16 @@ class GLIPLitModule(L.LightningModule):
                 f.write(json.dumps({"step": int(self.global_step), "rank": rank, "ids": [f"{s}/{i}" for s, i in zip(batch.sources, batch.ids)]}) + "\n")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        import numpy as np
-
-        st = np.random.get_state()
-        checkpoint["glip_pl_rng"] = {  # plain types and tensors only: loads with weights_only=True
-            "torch": torch.get_rng_state(),
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [st[0], torch.from_numpy(st[1].astype("int64")), int(st[2]), int(st[3]), float(st[4])],
-            "bad_in_row": self._bad_in_row, "bad_total": self._bad_total,
-        }
-        checkpoint["glip_pl_autostep"] = {k: float(v) for k, v in self.autostep_state.items()}
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            # Lightning writes rank 0's dict only: each rank's own RNG (its dropout stream) goes along
-            from glip_pl.distributed import gather_objects, is_dist
-
-            if is_dist():
-                mine = {k: checkpoint["glip_pl_rng"][k] for k in ("torch", "python", "numpy")}
-                checkpoint["glip_pl_rng"]["by_rank"] = gather_objects([mine])
+        save_rng_state(checkpoint, getattr(self, "_trainer", None))
+        checkpoint["glip_pl_autostep"] = self._autostep.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # validate/test restore the weights but not the fit loop: keep the step for the printed AP line
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
         auto = checkpoint.get("glip_pl_autostep")
         if auto:
-            self.autostep_state = {"best": float(auto["best"]), "bad": int(auto["bad"]),
-                                   "cooldown": int(auto["cooldown"]), "stage": int(auto["stage"])}
-        st = checkpoint.get("glip_pl_rng")
-        if not st:
-            return
-        import numpy as np
-
-        by_rank = st.get("by_rank")
-        trainer = getattr(self, "_trainer", None)
-        if by_rank and trainer is not None and len(by_rank) == trainer.world_size:
-            st = {**st, **by_rank[trainer.global_rank]}
-        torch.set_rng_state(st["torch"])
-        random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
-        n = st["numpy"]
-        np.random.set_state((n[0], n[1].numpy().astype("uint32"), n[2], n[3], n[4]))
-        self._bad_in_row, self._bad_total = int(st["bad_in_row"]), int(st["bad_total"])
+            self._autostep.load_state_dict(auto)
+        load_rng_state(checkpoint, getattr(self, "_trainer", None))
 
     def validation_step(self, batch, batch_idx):
         outputs = self(batch)
@@ -336,80 +292,30 @@ class GLIPLitModule(L.LightningModule):
                     self.log(f"val/AP_per_class/{cat}", float(m["AP"]))
         if self.hparams.schedule == "autostep" and not self.trainer.sanity_checking:
             if self.autostep_update(float(metrics["AP"])):
-                for conf in self.trainer.lr_scheduler_configs:  # apply now, not after the next optimiser step
-                    sch = conf.scheduler
-                    for group, base, fn in zip(sch.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
-                        group["lr"] = base * fn(sch.last_epoch)
+                optim.reapply_lambdas(self.trainer.lr_scheduler_configs)  # now, not after the next optimiser step
             self.log("lr/autostep_stage", float(self.autostep_state["stage"]))
 
     def autostep_update(self, metric: float) -> bool:
         """One validation's AP into the official auto-step rule; True when the lr was just decayed."""
-        st = self.autostep_state
-        if metric > st["best"] + AUTOSTEP_THRESHOLD:
-            st["best"], st["bad"] = metric, 0
-        else:
-            st["bad"] += 1
-        if st["cooldown"] > 0:
-            st["cooldown"] -= 1
-            st["bad"] = 0
-        if st["bad"] >= int(self.hparams.autostep_patience):
-            st["stage"] += 1
-            st["cooldown"], st["bad"] = AUTOSTEP_COOLDOWN, 0
+        decayed = self._autostep.update(metric)
+        if decayed:
+            st = self._autostep.state
             trainer = getattr(self, "_trainer", None)
             if trainer is None or trainer.is_global_zero:
                 print(f"[glip_pl] step {self.global_step}: val AP has not improved on {st['best']:.4f} for "
                       f"{self.hparams.autostep_patience} validations: lr x{self.hparams.gamma} "
                       f"(stage {st['stage']})", flush=True)
-            return True
-        return False
+        return decayed
 
-    # ------------------------------------------------------------------ optimiser
+    # ------------------------------------------------------------------ optimiser (lit/optim.py)
     def configure_optimizers(self):
         hp = self.hparams
-        groups: dict = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            lang = name.startswith("language_backbone.")
-            lr = hp.lang_lr if lang else hp.lr
-            wd = hp.weight_decay
-            key = "language" if lang else "vision_head"
-            if hp.official_bias_rule and "bias" in name:
-                lr, wd, key = lr * hp.bias_lr_factor, 0.0, key + "_bias"
-            g = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": wd, "name": key})
-            g["params"].append(p)
-        optimizer = torch.optim.AdamW(list(groups.values()))
-        total = self._total_steps()
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(total))
+        optimizer = torch.optim.AdamW(optim.param_groups(self.model, hp.lr, hp.lang_lr, hp.weight_decay,
+                                                         hp.official_bias_rule, hp.bias_lr_factor))
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(optim.total_steps(self.trainer)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _total_steps(self) -> int:
-        t = self.trainer
-        if t.max_steps and t.max_steps > 0:
-            return int(t.max_steps)
-        try:
-            return int(t.estimated_stepping_batches)
-        except Exception as e:  # an infinite stream without max_steps
-            raise GLIPInputError("set trainer.max_steps: the schedule needs the run's length") from e
 
     def _lr_lambda(self, total: int):
         hp = self.hparams
-        warm = max(int(hp.warmup_steps), 0)
-        marks = [round(m * total) for m in hp.milestones]
-
-        def f(step: int) -> float:
-            if step < warm:
-                alpha = step / warm
-                w = hp.warmup_factor * (1 - alpha) + alpha
-            else:
-                w = 1.0
-            if hp.schedule == "step":
-                return w * hp.gamma ** sum(step >= m for m in marks)
-            if hp.schedule == "autostep":
-                return w * hp.gamma ** self.autostep_state["stage"]
-            if hp.schedule == "cosine":
-                prog = min(max(step - warm, 0) / max(total - warm, 1), 1.0)
-                return w * 0.5 * (1 + math.cos(math.pi * prog))
-            return w
-
-        return f
+        return optim.lr_lambda(total, hp.schedule, hp.warmup_steps, hp.warmup_factor, hp.milestones, hp.gamma,
+                               autostep_stage=lambda: self._autostep.state["stage"])

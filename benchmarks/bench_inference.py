@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_common import git_commit  # noqa: E402
 
 COCO = ("person bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant stop sign parking meter "
         "bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee "
@@ -43,14 +43,6 @@ def coco_names() -> list:
     names = [w.replace("_", " ") for w in text.split()]
     assert len(names) == 80, len(names)
     return names
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import git_commit
+
 GLIP_PL = dict(pad256=False, use_sdpa=True)
 VARIANTS = {
     "official: pad 256 + plain attention": dict(pad256=True, use_sdpa=False),
@@ -84,14 +86,6 @@ def count_step_flops(model, step) -> int:
     with counter:
         step()
     return int(counter.get_total_flops())
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def run_variant(args) -> dict:

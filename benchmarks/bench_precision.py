@@ -32,7 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_inference import coco_names, git_commit  # noqa: E402
+from bench_common import git_commit  # noqa: E402
+from bench_inference import coco_names  # noqa: E402
 
 MODES = ("fp32", "bf16", "fp16")
 TERMS = ("loss_token", "loss_reg", "loss_centerness")

@@ -26,15 +26,9 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_common import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=REPO).strip()
-    except Exception:
-        return "unknown"
 
 
 def make_recipe(base: Path, out: Path, shards: str, workers: int, steps: int, every: int) -> Path:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from bench_common import git_commit  # noqa: E402
 
 
 def _deform(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -80,14 +81,6 @@ def count(model, mode: FakeTensorMode, h: int, w: int, batch: int, prompt_tokens
     return {"text_len": int(text.length), "total": int(total), "backbone": int(backbone), "text": int(text_flops),
             "fusion": int(fusion), "head_rest": int(head - fusion),
             "other": int(total - backbone - text_flops - head)}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from bench_common import git_commit  # noqa: E402
 
 OFFICIAL = dict(pad256=True, use_sdpa=False, loss_loop=True, deform_conv="torchvision")
 TRAIN_VARIANTS = {"official": OFFICIAL, "glip_pl": {}, "compile": dict(compile=True)}
@@ -63,13 +64,6 @@ SMOKE = dict(device="cpu", accelerator="cpu", dtype="fp32", precision="32-true",
 SMOKE_CAP = 600
 CAPS = {"env": 60, "train": 120, "compile": 170, "flops": 240, "memplan": 300, "fit": 170, "infer": 90, "lvis": 90,
         "label": 90}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, cwd=REPO).strip()
-    except Exception:
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------- children

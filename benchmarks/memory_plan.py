@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import git_commit  # noqa: E402
 
 GIB = 2**30
 CHECKPOINTING = {
@@ -269,14 +271,6 @@ def scale_sizes(rows: list, long_sides: list) -> list:
 
 def fits(pred_bytes: float, card_gib: float) -> bool:
     return FRAGMENTATION * pred_bytes / GIB + RESERVE_GIB <= card_gib
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except Exception:
-        return "unknown"
 
 
 def max_batch(p1: float, p2: float, card_gib: float, limit: int = 64) -> int:

@@ -7,7 +7,9 @@ needs more than tensors and plain containers is refused, never unpickled). Reada
 
 from __future__ import annotations
 
-from glip_pl.official import OfficialCheckpointError, read_glip_checkpoint
+from glip_pl.official import OfficialCheckpointError, load_glip_checkpoint, read_glip_checkpoint
+
+__all__ = ["CheckpointError", "load_glip_checkpoint", "load_model_weights", "read_glip_checkpoint"]
 
 CheckpointError = OfficialCheckpointError
 

@@ -23,6 +23,20 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
 
 
+def launch_rank_world() -> tuple:
+    """(global rank, world size) as the launcher tells them, before any process group exists.
+
+    torchrun sets RANK/WORLD_SIZE, Slurm SLURM_PROCID/SLURM_NTASKS; hand-launched nodes (Lightning's NODE_RANK /
+    LOCAL_RANK) only tell node and local rank, and anything but node 0, local rank 0 is not rank 0.
+    """
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(r, "").isdigit():
+            return int(os.environ[r]), int(os.environ.get(w, "1") or 1)
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    return (0 if node == 0 and local == 0 else max(node, 1) * 1000 + local), 1
+
+
 def gather_objects(items: list, timeout_s: float | None = None) -> list:
     """Concatenate a per-rank list of picklable objects on every rank (all_gather_object).
 

@@ -44,6 +44,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
+from ..distributed import launch_rank_world
 from .phrases import PhraseConfig, PhraseExtractor
 
 log = logging.getLogger(__name__)
@@ -544,10 +545,7 @@ def write_output_shard(out_dir: str, name: str, acc: ShardAccumulator) -> None:
 
 
 def _rank_world() -> tuple:
-    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if r in os.environ:
-            return int(os.environ[r]), int(os.environ.get(w, 1))
-    return 0, 1
+    return launch_rank_world()
 
 
 def plan_hash(cfg: LabelConfig, shards: list, teacher_sha: str) -> str:

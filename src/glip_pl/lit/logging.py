@@ -15,6 +15,8 @@ from typing import Optional
 
 from lightning.pytorch.loggers import WandbLogger
 
+from glip_pl.distributed import launch_rank_world
+
 
 def stable_run_id(save_dir: str) -> str:
     """The run directory's W&B id, created once (exclusive create: two writers cannot leave different ids)."""
@@ -34,17 +36,8 @@ def stable_run_id(save_dir: str) -> str:
 
 
 def launch_rank() -> int:
-    """This process's global rank as the launcher tells it, before Lightning sets up distribution.
-
-    torchrun sets RANK; Slurm tasks SLURM_PROCID; hand-launched nodes (Lightning's NODE_RANK / LOCAL_RANK) only
-    tell node and local rank, and anything but node 0, local rank 0 is not rank 0.
-    """
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return 0 if node == 0 and local == 0 else max(node, 1) * 1000 + local
+    """This process's global rank as the launcher tells it, before Lightning sets up distribution."""
+    return launch_rank_world()[0]
 
 
 def wandb_offline_by_default() -> bool:

@@ -42,6 +42,7 @@ from glip_pl.lit.allowlist import (  # noqa: F401  (re-exported: the allow-list'
     ALLOWED_CLASS_PREFIXES, RecipeRefused, check_class_paths, class_path_allowed, denied_import_error, import_policy,
     refuse_callables,
 )
+from glip_pl.lit.console import quiet_library_notices, resuming, use_console_callbacks
 from glip_pl.lit.datamodule import GroundingDataModule
 from glip_pl.lit.logging import launch_rank
 from glip_pl.lit.module import GLIPLitModule
@@ -86,7 +87,9 @@ class GLIPCLI(LightningCLI):
             p.exit_on_error = False
         try:
             with import_policy():
-                super().parse_arguments(parser, args)
+                # not super(): glip-pl passes its own argv as ``args`` (``predict-batch`` renamed ``predict``), which
+                # Lightning warns about whenever sys.argv is not empty
+                self.config = parser.parse_args(argv)
         except ArgumentError as e:
             refused = denied_import_error(str(e), argv)
             if refused is not None:
@@ -145,7 +148,13 @@ class GLIPCLI(LightningCLI):
 
             if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
                 trainer.callbacks.append(PreemptionCheckpoint())
+        use_console_callbacks(trainer)
         return trainer
+
+    def fit(self, **kwargs) -> None:
+        if kwargs.get("ckpt_path"):
+            resuming()
+        self.trainer.fit(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a file that does not load is one line
@@ -214,6 +223,7 @@ def prefer_hpc_checkpoint(root, chosen: Optional[str]) -> Optional[str]:
 
 def run(args: list) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_notices()
     GLIPCLI(
         GLIPLitModule,
         GroundingDataModule,

@@ -61,3 +61,6 @@ class GLIPWandbLogger(WandbLogger):
             save_dir=save_dir, project=project, name=name, id=run_id, resume="allow",
             offline=wandb_offline_by_default() if offline is None else offline, **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes anonymous=None, which W&B 0.31 warns "has no effect"; unset, it says nothing
+            del self._wandb_init["anonymous"]

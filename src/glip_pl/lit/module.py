@@ -121,9 +121,6 @@ class GLIPLitModule(L.LightningModule):
         configure_sharding(self)
 
     # ------------------------------------------------------------------ steps
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def forward(self, batch):
         return self.model(batch.images, batch.image_sizes, batch.text)
 
@@ -261,18 +258,14 @@ class GLIPLitModule(L.LightningModule):
             from glip_pl.distributed import gather_objects
 
             gt, dt = gather_objects(gt), gather_objects(dt)
-        metrics = None
+        metrics, shown = None, False
         if self.trainer.is_global_zero and gt:
             from glip_pl.lit.metrics import box_ap
 
             per_class = bool(self.hparams.get("val_per_class", False))
             names_of = getattr(self.trainer.datamodule, "val_category_names", None) if per_class else None
             metrics = box_ap(gt, dt, per_category=per_class, names=names_of() if names_of else None)
-            where = f"step {self.global_step}"
-            if self.trainer.state.fn != "fit" and hasattr(self, "_checkpoint_step"):
-                where = f"checkpoint step {self._checkpoint_step}"  # validate/test --ckpt_path
-            print(f"[glip_pl] {where}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
-                  f"AP75 {metrics['AP75']:.3f} on {len({g[0] for g in gt})} images", flush=True)
+            shown = self._print_ap(metrics, len({g[0] for g in gt}))
         if self.trainer.world_size > 1:
             # every rank logs rank 0's AP, so monitors (ModelCheckpoint, EarlyStopping, auto-step) agree on all ranks;
             # the other ranks would wait for rank 0 at the next step's gradient all-reduce anyway
@@ -285,7 +278,7 @@ class GLIPLitModule(L.LightningModule):
         if metrics.get("per_category"):
             from glip_pl.eval.coco import format_per_category
 
-            if self.trainer.is_global_zero:
+            if shown:
                 print(format_per_category(metrics["per_category"]), flush=True)
             for cat, m in metrics["per_category"].items():
                 if m["AP"] is not None:
@@ -294,6 +287,23 @@ class GLIPLitModule(L.LightningModule):
             if self.autostep_update(float(metrics["AP"])):
                 optim.reapply_lambdas(self.trainer.lr_scheduler_configs)  # now, not after the next optimiser step
             self.log("lr/autostep_stage", float(self.autostep_state["stage"]))
+
+    def _print_ap(self, metrics: dict, images: int) -> bool:
+        trainer = self.trainer
+        where = f"step {self.global_step}"
+        if trainer.state.fn != "fit" and hasattr(self, "_checkpoint_step"):
+            where = f"checkpoint step {self._checkpoint_step}"  # validate/test --ckpt_path
+        note = ""
+        if trainer.sanity_checking:
+            ran, full = sum(trainer.num_sanity_val_batches), sum(trainer.num_val_batches)
+            if ran < full:  # a few batches to catch a broken val loop early: their AP measures nothing
+                print(f"[glip_pl] sanity check passed: validation ran on {images} images ({ran} of {full} val "
+                      "batches); no AP for a partial pass", flush=True)
+                return False
+            note = " (sanity check on every val batch: the starting weights)"
+        print(f"[glip_pl] {where}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
+              f"AP75 {metrics['AP75']:.3f} on {images} images{note}", flush=True)
+        return True
 
     def autostep_update(self, metric: float) -> bool:
         """One validation's AP into the official auto-step rule; True when the lr was just decayed."""

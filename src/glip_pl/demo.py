@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train the tiny model on synthetic shards on CPU and evaluate it")
-    p.add_argument("--recipe", default=str(ROOT / "recipes" / "local" / "demo.yaml"))
-    p.add_argument("--shards", default=str(ROOT / "shards" / "synthetic"))
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "local" / "demo.yaml"),
+                   help="training recipe (recipes/local/demo.yaml)")
+    p.add_argument("--shards", default=str(ROOT / "shards" / "synthetic"),
+                   help="synthetic shards folder, made there when missing (shards/synthetic)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's trainer.max_steps")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming runs/demo")
     p.add_argument("--pictures", type=int, default=4, help="validation images to draw predictions on")

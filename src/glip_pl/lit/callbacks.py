@@ -12,7 +12,11 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs step time split into data wait (loader) and compute, images/s and peak GPU memory."""
+    """Logs step time split into data wait (loader) and compute, images/s and peak GPU memory.
+
+    Args:
+        log_every_n_steps: log (and restart the sums) every this many optimiser steps.
+    """
 
     def __init__(self, log_every_n_steps: int = 10):
         self.every = log_every_n_steps
@@ -50,7 +54,12 @@ class ThroughputMonitor(L.Callback):
 
 
 class EMA(EMAWeightAveraging):
-    """Official MODEL_EMA 0.999 over parameters and buffers, updated every step (Lightning's EMA callback)."""
+    """Official MODEL_EMA 0.999 over parameters and buffers, updated every step (Lightning's EMA callback).
+
+    Args:
+        decay: EMA decay per update.
+        **kwargs: Lightning's ``EMAWeightAveraging`` arguments.
+    """
 
     def __init__(self, decay: float = 0.999, **kwargs):
         super().__init__(decay=decay, **kwargs)
@@ -73,7 +82,9 @@ class GradNormMonitor(L.Callback):
       ``on_train_batch_end``; inf when the engine skipped the step for overflow, nothing logged when the engine
       does not compute it. Per-group norms are not available there.
 
-    ``per_group``: also one norm per optimizer parameter group (``grad/norm_<group name>``).
+    Args:
+        every_n_steps: log every this many optimiser steps.
+        per_group: also one norm per optimizer parameter group (``grad/norm_<group name>``).
     """
 
     def __init__(self, every_n_steps: int = 1, per_group: bool = True):
@@ -192,6 +203,14 @@ class ValidationImageLogger(L.Callback):
 
     Rank 0 only (other ranks' images are not gathered); a no-op without a ``WandbLogger``. ``validation_step`` must
     return the batch's list of ``Detections`` (``GLIPLitModule`` does).
+
+    Args:
+        every_n_val_steps: log from every this many validation batches.
+        max_images: images logged from one batch.
+        max_per_epoch: images logged per validation run.
+        score_thresh: predicted boxes below this score are not drawn.
+        max_boxes: boxes drawn per image and kind (true, predicted).
+        key: W&B key of the images.
     """
 
     def __init__(self, every_n_val_steps: int = 10, max_images: int = 2, max_per_epoch: int = 8,
@@ -252,11 +271,13 @@ class BatchTrace(L.Callback):
     """Appends one JSON line per training batch to ``<out_dir>/batches-rank<R>.jsonl``: global rank, world size,
     node rank, global step, sample ids, sources, and the rank's loss; a record of which samples each rank read.
 
-    ``dump_first_batch``: also ``torch.save`` the first batch each rank trains on, its loss and (after the backward
-    pass and the DDP all-reduce) the total gradient norm and the weights before the first update to
-    ``<out_dir>/first-rank<R>.pt`` — what a single-process run on the same global batch is compared with.
-    ``disable_dropout``: set every ``nn.Dropout`` to p=0 at the start of fit (the text encoder's dropout draws
-    different masks for a batch of 2b than for two batches of b, so an exact comparison needs it off).
+    Args:
+        out_dir: folder of the trace files.
+        dump_first_batch: also ``torch.save`` the first batch each rank trains on, its loss and (after the backward
+            pass and the DDP all-reduce) the total gradient norm and the weights before the first update to
+            ``<out_dir>/first-rank<R>.pt``: what a single-process run on the same global batch is compared with.
+        disable_dropout: set every dropout to p=0 at the start of fit (the text encoder's dropout draws different
+            masks for a batch of 2b than for two batches of b, so an exact comparison needs it off).
     """
 
     def __init__(self, out_dir: str, dump_first_batch: bool = False, disable_dropout: bool = False):

@@ -34,6 +34,8 @@ from glip_pl.model.types import GLIPInputError
 
 
 class GLIPLitModule(L.LightningModule):
+    """A GLIP model (``glip_pl.model``) with its loss, AdamW optimiser, lr schedule and validation box AP."""
+
     def __init__(
         self,
         preset: str = "tiny",
@@ -58,14 +60,34 @@ class GLIPLitModule(L.LightningModule):
         compile_options: Optional[dict] = None,
         compile_step: bool = False,
     ):
-        """``compile_head``: ``torch.compile`` the fusion head (VL-DyHead, most of the step's time) in place, so
-        parameter names and checkpoints do not change; ``compile_options`` go to ``torch.compile`` (``mode``,
-        ``dynamic``, ``backend``). Shapes vary with the image size and the prompt length: after the first
-        recompile the compiler marks those dimensions dynamic. ``compile_step``: ``torch.compile`` the whole training
-        forward + loss (``forward_loss``) instead, as one graph (no graph break or data-dependent host sync:
-        tests/model/test_graph_breaks.py), with the same ``compile_options`` (default backend inductor); checkpoints
-        do not change either. Validation stays eager. ``val_per_class``: also print each val category's AP
-        (AP50, AP75, instances) and log it as ``val/AP_per_class/<category id>``."""
+        """
+        Args:
+            preset: model preset (``tiny``, ``glip_t_a``, ``glip_t``, ``glip_l``; ``glip_pl.model.presets``).
+            model_options: keyword arguments for ``build_glip`` on top of the preset (e.g. ``use_sdpa``,
+                ``prompt_tuning``, ``checkpoint_fusion``, pretrained parts ``swin__pretrained`` / ``text__pretrained``).
+            lr: AdamW learning rate of everything but the language backbone.
+            lang_lr: learning rate of the language backbone (BERT).
+            weight_decay: AdamW weight decay.
+            official_bias_rule: every tensor named ``*bias*`` gets ``bias_lr_factor`` x lr and no decay (official).
+            bias_lr_factor: lr factor of the biases under ``official_bias_rule``.
+            warmup_steps: linear lr warmup length in optimiser steps.
+            warmup_factor: lr factor at the first warmup step.
+            schedule: lr after warmup: ``step``, ``cosine``, ``constant`` or ``autostep`` (lit/optim.py).
+            milestones: ``step`` schedule: fractions of max_steps where the lr is multiplied by ``gamma``.
+            gamma: lr factor at each milestone or auto-step decay.
+            autostep_patience: ``autostep``: validations without an AP gain before the lr decays.
+            init_weights: checkpoint whose model weights start the run (fine-tuning; loaded strictly).
+            eval_score_thresh: validation detections below this score are dropped before box AP.
+            val_per_class: also print each val category's AP and log it as ``val/AP_per_class/<id>``.
+            log_images_every_n_steps: unused, kept so older recipes parse; W&B images come from the
+                ``glip_pl.lit.callbacks.ValidationImageLogger`` callback.
+            max_bad_steps: non-finite loss or gradient steps in a row that stop the run (0: never stop).
+            compile_head: ``torch.compile`` the fusion head in place (checkpoint names unchanged); validation
+                stays eager.
+            compile_options: keyword arguments for ``torch.compile`` (``mode``, ``dynamic``, ``backend``).
+            compile_step: ``torch.compile`` the whole training forward + loss as one graph instead of the head
+                (tests/model/test_graph_breaks.py); excludes ``compile_head``.
+        """
         super().__init__()
         if schedule not in SCHEDULES:
             raise GLIPInputError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")

@@ -148,6 +148,11 @@ class GLIPCLI(LightningCLI):
 
             if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
                 trainer.callbacks.append(PreemptionCheckpoint())
+        if self.subcommand == "predict":
+            from glip_pl.lit.prediction_writer import DetectionWriter
+
+            if not any(isinstance(c, DetectionWriter) for c in trainer.callbacks):
+                trainer.callbacks.append(DetectionWriter(str(Path(trainer.default_root_dir) / "predictions")))
         use_console_callbacks(trainer)
         return trainer
 
@@ -155,6 +160,11 @@ class GLIPCLI(LightningCLI):
         if kwargs.get("ckpt_path"):
             resuming()
         self.trainer.fit(**kwargs)
+
+    def predict(self, **kwargs) -> None:
+        if kwargs.get("return_predictions") is None:  # DetectionWriter has written them: do not hold them all
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a file that does not load is one line

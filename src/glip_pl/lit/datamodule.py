@@ -204,6 +204,10 @@ class GroundingDataModule(L.LightningDataModule):
     def test_dataloader(self):
         return self.val_dataloader()
 
+    def predict_dataloader(self):
+        """``glip-pl predict-batch`` detects on the val sources, with their all-class prompts."""
+        return self.val_dataloader()
+
     # -- the pipeline position travels with the checkpoint ---------------------------------------------------------
     def state_dict(self) -> dict:
         if self._train_loader is None:

@@ -255,6 +255,22 @@ class GLIPLitModule(L.LightningModule):
         self._collect_for_ap(batch, dets)
         return dets
 
+    def predict_step(self, batch, batch_idx, dataloader_idx=0) -> list:
+        """``glip-pl predict-batch``: one record per image (``glip_pl.lit.prediction_writer`` writes them)."""
+        dets = self.model.postprocess(self(batch), batch.phrase_maps, batch.image_sizes.tolist(),
+                                      batch.orig_sizes.tolist(), score_thresh=self.hparams.eval_score_thresh)
+        out = []
+        for b, det in enumerate(dets):
+            names, labels = list(batch.phrase_names[b]), list(batch.phrase_labels[b])
+            phrase = [int(p) for p in det.labels.tolist()]
+            out.append({"id": str(batch.ids[b]), "source": str(batch.sources[b]),
+                        "height": int(batch.orig_sizes[b, 0]), "width": int(batch.orig_sizes[b, 1]),
+                        "boxes": [[round(v, 2) for v in box] for box in det.boxes.detach().float().cpu().tolist()],
+                        "scores": [round(v, 4) for v in det.scores.detach().float().cpu().tolist()],
+                        "labels": [int(labels[p]) for p in phrase],
+                        "phrases": [names[p] if p < len(names) else str(p) for p in phrase]})
+        return out
+
     # ------------------------------------------------------------------ COCO-style AP on the validation split
     def _collect_for_ap(self, batch, dets) -> None:
         """Keep GT (original pixels) and detections, labelled by the phrase's category, for box AP."""

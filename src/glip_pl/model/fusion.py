@@ -4,21 +4,15 @@ Shapes: B batch, C visual channels (256), N = Σ_l H_l·W_l visual tokens of all
 T text tokens, D text width (768), h heads, E = embed_dim (2048), e = E / h. Attribute names follow the official
 state dict below ``rpn.head.dyhead_tower.{3i}.b_attn`` (reference §8).
 
-The plain path (``use_sdpa=False``) is the official math: logits clamped to ±50000, the visual side masks the
-text padding, the text side subtracts the row max, clamps again and is unmasked. The official "+1 on valid
-positions" mask shifts a whole row by a constant, which softmax ignores, so it is left out. The fused path runs
-``scaled_dot_product_attention`` once per direction and is the same function wherever |logit| ≤ 50000 (tested to
-1e-5 in fp32): the row-max subtraction is softmax-invariant and the clamps only guard fp16, where a logit above
-65504 is inf. Beyond that (|q|·|k| ≳ 8e5 per head, a diverged model) the plain path flattens the softmax while
-SDPA keeps it sharp, both finite; for fp16 training prefer the plain path or bf16. SDPA computes the N×T logits
-twice but never materialises them, the saving that matters at N ≈ 22k.
+The plain path (``use_sdpa=False``) is the official math (the official "+1 on valid positions" mask shifts a
+whole row, which softmax ignores, so it is left out). SDPA is the same function wherever |logit| ≤ 50000: the
+text side's row-max subtraction is softmax-invariant and the ±50000 clamps only guard fp16 (inf above 65504);
+beyond that (a diverged model) the plain path flattens the softmax, SDPA keeps it sharp, both finite. SDPA
+never materialises the N×T logits, the saving that matters at N ≈ 22k. Every visual row needs one valid text
+token ([CLS] and [SEP] always are), else SDPA gives NaN for it.
 
-``text_output=False`` builds a one-way block (text → visual) for the last block when the head scores the
-encoder's text (``use_fused_text=False``): the text side would feed nothing, and parameters without a gradient
-make DDP fail. No released checkpoint uses that combination.
-
-Every visual row needs at least one valid text token ([CLS] and [SEP] always are); otherwise SDPA returns NaN for
-that row while the plain path averages the padding.
+``text_output=False`` (the last block when the head scores the encoder's text) drops the text side, whose
+parameters would get no gradient and make DDP fail.
 """
 
 from __future__ import annotations

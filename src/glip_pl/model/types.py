@@ -1,6 +1,6 @@
 """Typed contracts between the stages of the model (DESIGN.md practice 8).
 
-Shape legend used across ``glip_pl.model``:
+Shape legend of every file in ``glip_pl.model`` (a file names only the letters it adds):
   B batch, L FPN levels (5: P3..P7), C channels (256 for T/L), N = sum_l H_l*W_l locations (one anchor each),
   T text tokens (padded to the longest prompt of the batch), D text width (768 for BERT-base), M boxes per
   image (padded to the largest count of the batch), P phrases of a prompt.

@@ -46,6 +46,27 @@ def load_json(path: str):
         raise ConversionError("bad_json", path, "-", "-", f"invalid json: {e}") from None
 
 
+def load_listed_json(path: str, keys: tuple, what: str) -> dict:
+    data = load_json(path)
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise ConversionError("bad_field", path, "-", key, f"{what} needs a list here")
+    return data
+
+
+def annotations_by_image(ann_file: str, data: dict, on_error: str, skipped: dict) -> dict:
+    """{image id: its annotations}; an annotation of an image not in ``images`` is an error or skipped."""
+    image_ids = {im.get("id") for im in data["images"]}
+    by_image = {}
+    for a in data["annotations"]:
+        if a.get("image_id") not in image_ids:
+            skip_or_raise(ConversionError("unknown_image", ann_file, f"annotation id {a.get('id')}", "image_id",
+                                          f"image id {a.get('image_id')!r} is not in 'images'"), on_error, skipped)
+            continue
+        by_image.setdefault(a["image_id"], []).append(a)
+    return by_image
+
+
 def file_record(rid, image_path: str, rec: dict, where: Where) -> dict:
     return {"id": str(rid), "image_path": image_path, "json": rec,
             "where": {"file": where.file, "record": where.record, "box_fields": where.box_fields,

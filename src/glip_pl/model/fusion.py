@@ -119,22 +119,13 @@ class BiMultiHeadAttention(nn.Module):
 class BiAttentionBlock(nn.Module):
     """LayerNorm both sides, bi-attention, layer-scaled residual on the normed features (reference §1.5.1)."""
 
-    def __init__(
-        self,
-        v_dim: int = 256,
-        l_dim: int = 768,
-        embed_dim: int = 2048,
-        num_heads: int = 8,
-        dropout: float = 0.1,
-        init_scale: float = 1 / 6,
-        use_sdpa: bool = True,
-        clamp: bool = True,
-        text_output: bool = True,
-    ):
+    def __init__(self, v_dim: int = 256, l_dim: int = 768, init_scale: float = 1 / 6, text_output: bool = True,
+                 **attn_kwargs: Any):
+        """``attn_kwargs``: the rest of :class:`BiMultiHeadAttention`'s arguments."""
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)
-        self.attn = BiMultiHeadAttention(v_dim, l_dim, embed_dim, num_heads, dropout, use_sdpa, clamp, text_output)
+        self.attn = BiMultiHeadAttention(v_dim, l_dim, text_output=text_output, **attn_kwargs)
         self.gamma_v = nn.Parameter(torch.full((v_dim,), float(init_scale)))
         if text_output:
             self.gamma_l = nn.Parameter(torch.full((l_dim,), float(init_scale)))

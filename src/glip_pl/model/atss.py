@@ -1,13 +1,9 @@
 """ATSS anchor assignment (reference §2.1; Zhang et al. 2020), vectorised over the batch and the GT boxes.
 
-Shape legend: B batch, N = sum_l H_l*W_l anchors (level-major), M GT boxes per image (padded, ``valid`` marks real
-ones), C = sum_l min(topk, N_l) candidate anchors per GT.
-
-Rule: per level, the ``topk`` anchors whose centres are closest (L2) to the GT centre are candidates; a candidate is
-positive when its IoU >= mean + std (unbiased) of that GT's candidate IoUs and its centre lies strictly inside the
-GT (min(l, t, r, b) > 0.01); an anchor positive for several GTs takes the one with the highest IoU.
-Deterministic tie-breaking (the official ``topk``/``max`` leave it to the kernel): among equally distant anchors the
-lower anchor index is taken first; among GTs with the same IoU the lower GT index wins.
+C = Σ_l min(topk, N_l) candidate anchors per GT: per level, the ``topk`` anchors whose centres are closest to the
+GT centre. A candidate is positive when its IoU >= mean + std (unbiased) of that GT's candidate IoUs and its centre
+lies strictly inside the GT; an anchor positive for several GTs takes the one with the highest IoU.
+Ties, which the official ``topk``/``max`` leave to the kernel, go to the lower anchor index and the lower GT index.
 """
 
 from __future__ import annotations

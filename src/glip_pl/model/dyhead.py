@@ -1,7 +1,6 @@
 """Vision half of a DyHead block: deformable convs across levels, scale attention, DyReLU (reference §1.5.3).
 
-Shapes: B batch, C channels (256), H_l×W_l level l, the coarser level l+1 has H_{l+1} = ceil(H_l / 2), K = 9 taps.
-Attribute names follow the official state dict below ``rpn.head.dyhead_tower.{3i+2}.`` (reference §8).
+The coarser level l+1 has H_{l+1} = ceil(H_l / 2); K = 9 taps. Attribute names follow the official state dict.
 
 The official DCNv2 kernel and ``torchvision.ops.deform_conv2d`` read offsets alike: channel 2k is dy and 2k+1 dx of
 tap k = i·3 + j, mask channel k scales tap k. So the official offset conv's channels 0..17 feed torchvision
@@ -166,8 +165,7 @@ class DyHeadBlock(nn.Module):
         self.h_sigmoid = HSigmoid()
         self.relu = DyReLU(channels)
         self.offset = nn.Conv2d(channels, 27, kernel_size=3, padding=1)  # PyTorch default init (official)
-        # Official init loop: N(0, 0.01) and bias 0 for the nn.Conv2d modules inside DyConv (there are none:
-        # the deformable convs are not Conv2d) and inside AttnConv.
+        # The official init loop; it finds no nn.Conv2d inside DyConv (the deformable convs are not Conv2d).
         for m in list(self.DyConv.modules()) + list(self.AttnConv.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.01)
@@ -195,7 +193,7 @@ class DyHeadBlock(nn.Module):
                 off_c, mask_c = offsets_for_coarser_level(offset, mask, tuple(coarser.shape[-2:]), self.official_compat)
                 up = self.DyConv[0](coarser, off_c, mask_c)
                 maps.append(F.interpolate(up, size=x.shape[-2:], mode="bilinear", align_corners=True))
-            # Scale-aware attention: each map weighted by h_sigmoid(ReLU(conv1x1(GAP))), then the MEAN.
+            # The mean, not the sum, of the attention-weighted maps (official).
             fused = sum(f * self.h_sigmoid(self.AttnConv(f)) for f in maps) / len(maps)
             out.append(self.relu(fused))
         return out

@@ -1,8 +1,7 @@
 """Deep image⇄text fusion of a DyHead block: bidirectional cross-attention (reference §1.5.1, GLIP §3.1 Eq. 3).
 
-Shapes: B batch, C visual channels (256), N = Σ_l H_l·W_l visual tokens of all FPN levels as one sequence,
-T text tokens, D text width (768), h heads, E = embed_dim (2048), e = E / h. Attribute names follow the official
-state dict below ``rpn.head.dyhead_tower.{3i}.b_attn`` (reference §8).
+All FPN levels form one sequence of N visual tokens; h heads, E = embed_dim, e = E / h. Attribute names follow
+the official state dict (reference §8).
 
 The plain path (``use_sdpa=False``) is the official math (the official "+1 on valid positions" mask shifts a
 whole row, which softmax ignores, so it is left out). SDPA is the same function wherever |logit| ≤ 50000: the

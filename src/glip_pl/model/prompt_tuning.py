@@ -1,13 +1,9 @@
 """Prompt tuning (GLIP §4.3 / reference §5, official ``SOLVER.TUNING_HIGHLEVEL_OVERRIDE language_prompt_v2``).
 
-A learnable, zero-initialised embedding with one row per text position is added to the text encoder's output
-before the deep-fusion head; every other parameter is frozen, so only the prompt trains (official lr 0.05,
-weight decay 0.25). At initialisation the model is exactly the pretrained one (the prompt is zero).
-
-The official ``tunable_linear.weight`` (1000, 768) is added, rows = text positions, to both ``embedded`` and
-``hidden`` in ``GeneralizedVLRCNN.forward``; both are BERT's last-layer output, in glip_pl the one tensor
-``GLIP.encode_text`` returns. glip_pl keeps only the ``max_text_len`` (256) rows a prompt can reach; the row for
-position t is added to every prompt's token t, padding included (the head masks padding), as officially.
+A zero-initialised row per text position is added to the text encoder's output, and only it trains, so training
+starts from exactly the pretrained model. The official ``tunable_linear.weight`` (1000, 768) is added to both
+``embedded`` and ``hidden``, which are both BERT's last-layer output (``GLIP.encode_text`` here); only its first
+``max_text_len`` rows can be reached. Padding positions get their row too, as officially (the head masks them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reading shards: url lists, tar members grouped into raw samples, and safe decoding.
 
-Safe decoding accepts only images and json: webdataset's default decoders hand ``.pyd``/``.pickle`` members to
-``pickle.loads`` (code execution for anyone who can write a shard), so pickle-based members raise ``ShardError``.
+Tars are read here, not by ``webdataset.DataPipeline``, so that no member reaches a default decoder (webdataset
+hands ``.pyd``/``.pickle`` to ``pickle.loads``: code execution for anyone who can write a shard) and every random
+choice is ours to seed for an exact resume. Pickle-based members raise ``ShardError``.
 """
 
 from __future__ import annotations

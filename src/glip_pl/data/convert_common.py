@@ -1,9 +1,5 @@
-"""Helpers shared by the converters: records that point at image files, and the build function that reads them.
-
-A file record is a small picklable dict: {"id", "image_path", "json": partial stored record, "where": {...},
-"size_hint"}; ``build_from_file`` (run in writer processes) reads the bytes as they are — never re-encoded — and
-returns them with the record for validation.
-"""
+"""Helpers shared by the converters. A file record is a small picklable dict that writer processes turn into a
+sample with ``build_from_file``, which copies the image bytes as they are, never re-encoded."""
 
 from __future__ import annotations
 
@@ -87,7 +83,6 @@ def add_size_hints(records: list, threads: int = 32) -> None:
 
 
 def build_from_file(record: dict):
-    """Writer build function: (json record, image bytes, extension, Where, image path)."""
     where = Where(**record["where"])
     path = record["image_path"]
     try:
@@ -101,7 +96,6 @@ def build_from_file(record: dict):
 
 
 def skip_or_raise(err: ConversionError, on_error: str, skipped: dict) -> None:
-    """Record-level errors found while reading annotations: raise, or count the record as skipped."""
     if on_error != "skip":
         raise err
     skipped.setdefault(err.code, []).append(str(err.record))
@@ -112,8 +106,7 @@ def resolve_image(images_dir: Optional[str], file_name: str) -> str:
 
 
 def typed_errors(fn):
-    """Records functions read untrusted json: a value of the wrong type deep inside (``"bbox": "abc"``, an
-    annotation that is a number, ...) becomes a ``ConversionError`` naming the file, never a bare TypeError."""
+    """A wrong type deep inside untrusted json (``"bbox": "abc"``) becomes a ``ConversionError`` naming the file."""
     import functools
 
     @functools.wraps(fn)

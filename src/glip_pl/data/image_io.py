@@ -28,7 +28,7 @@ def _orientation(im) -> int:
 
 
 def oriented_size(im) -> tuple:
-    """(width, height) of ``im`` once its EXIF orientation is applied, read from the header only."""
+    """Upright (width, height) from the header only."""
     w, h = im.size
     return (h, w) if _orientation(im) in _SWAPS_SIDES else (w, h)
 
@@ -70,8 +70,7 @@ def to_rgb(im):
 
 
 def open_rgb(source: Union[bytes, str, "os.PathLike"]):
-    """Encoded bytes or an image file → upright 8-bit RGB PIL image; PIL's errors pass through for the caller to
-    name its shard/file."""
+    """PIL's errors pass through for the caller to name its shard or file."""
     from PIL import Image
 
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:

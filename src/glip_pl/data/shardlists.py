@@ -50,8 +50,7 @@ def resampled(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
 
 
 def read_shards(urls: Iterable[str], on_error=None) -> Iterator[dict]:
-    """Stage ``read``; ``on_error(ShardError)``, when given, is called for a damaged shard and reading goes on (the
-    samples read before the damage are kept)."""
+    """Stage ``read``; with ``on_error(ShardError)`` a damaged shard keeps what was read before the damage."""
     for url in urls:
         try:
             yield from iter_raw(url)

@@ -22,7 +22,6 @@ def _cell_anchor(stride: int, size: float, plus_one: bool) -> tuple[float, float
         c = 0.5 * (stride - 1)
         half = 0.5 * (size - 1)
     else:
-        # Continuous convention: the cell centre is ((x+0.5)*stride, (y+0.5)*stride), the box is centre ± size/2.
         c = 0.5 * stride
         half = 0.5 * size
     return (c - half, c - half, c + half, c + half)

@@ -68,7 +68,7 @@ class BoxCoder:
 
 
 def _shift(boxes: Tensor, plus_one: bool) -> Tensor:
-    """x1, y1, x2+1, y2+1 under the +1 convention, so that continuous-box formulas give the +1 areas and IoUs."""
+    """Under the +1 convention x2+1, y2+1, so that continuous-box formulas give the +1 areas and IoUs."""
     if not plus_one:
         return boxes
     return boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
@@ -80,11 +80,8 @@ def box_iou(a: Tensor, b: Tensor, plus_one: bool = False) -> Tensor:
 
 
 def nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float, plus_one: bool = False) -> Tensor:
-    """Per-label NMS: indices of the kept boxes, by decreasing score (the official ``ml_nms`` under ``plus_one``).
-
-    float64: ``batched_nms`` may separate labels by adding label*max_coordinate to the boxes, which loses precision
-    in float32 once there are many labels (e.g. image*phrase keys of a batch).
-    """
+    """Per-label NMS, kept indices by decreasing score. float64: ``batched_nms`` may separate labels by adding
+    label*max_coordinate to the boxes, which loses precision in float32 with many labels (image*phrase keys)."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     shifted = _shift(boxes.to(torch.float64), plus_one)

@@ -83,7 +83,7 @@ class Targets:
         return _to(self, device, dtype)
 
     def with_text_length(self, length: int) -> "Targets":
-        """Pad (or cut: only all-zero columns) the token dimension of positive_map / ignore_map to ``length``."""
+        """Pad (or cut, only all-zero columns) the token dimension of the maps to ``length``."""
         changes = {}
         for name in ("positive_map", "ignore_map"):
             m = getattr(self, name)

@@ -100,7 +100,7 @@ class BiMultiHeadAttention(nn.Module):
             logits_t = logits_t - logits_t.amax(dim=-1, keepdim=True)
             if self.clamp:
                 logits_t = logits_t.clamp(-_CLAMP, _CLAMP)
-            # The text side's dropout draws first, as it always has: same random streams under a fixed seed.
+            # prob_l draws its dropout mask before prob_v: seeded runs depend on that order.
             prob_l = F.dropout(logits_t.softmax(dim=-1), p, self.training)
             out_v = torch.matmul(self._visual_probs(logits, keep, p), val_l)
             out_l = torch.matmul(prob_l, val_v)

@@ -1,6 +1,9 @@
 """``glip-pl fit | validate | test`` through LightningCLI; several ``--config`` files stack (cluster + recipe).
 
-- The resolved config is written beside the checkpoints (``<run>/config.yaml``), stored inside every checkpoint
+- One run directory, ``trainer.default_root_dir``: the checkpoint folder, the logger's ``save_dir`` (W&B files,
+  ``wandb_run_id``, ``config.yaml``) and the W&B run name derive from it unless set explicitly
+  (``glip_pl.lit.run_dir``). A recipe may name a base (``__base__``, ``glip_pl.lit.recipes``).
+- The resolved config is written in the run directory (``<run>/config.yaml``), stored inside every checkpoint
   and sent to W&B as the run's config.
 - Preemption: ``fit`` always has a ``PreemptionCheckpoint`` (added when the recipe lists none;
   ``--preemption_checkpoint false`` leaves it out): SIGTERM/SIGUSR1 save ``last.ckpt`` at the step boundary, stop, and

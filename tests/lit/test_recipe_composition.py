@@ -229,7 +229,7 @@ def test_a_base_cannot_name_a_class_outside_the_allow_list(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "base.yaml").write_text("trainer:\n  callbacks:\n    - class_path: evilbase.Evil\n")
     (tmp_path / "row.yaml").write_text("__base__: base.yaml\nmodel:\n  preset: tiny\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"(?s)refusing.*trainer.callbacks.*evilbase.Evil"):
         run(["fit", "--config", str(tmp_path / "row.yaml"), "--print_config"])
     assert not marker.exists(), "the module was imported"
 

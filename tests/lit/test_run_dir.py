@@ -1,5 +1,6 @@
 """One setting moves a run: ``glip-pl fit --trainer.default_root_dir X`` puts every output under X (checkpoints, the
-W&B files and ``wandb_run_id``, ``config.yaml``), nothing under the recipe's own run path and nothing in the cwd."""
+W&B files and ``wandb_run_id``, ``config.yaml``), nothing under the recipe's own run path and nothing in the cwd; a
+path a recipe or flag sets explicitly is kept."""
 
 import os
 import subprocess
@@ -44,3 +45,29 @@ def test_one_override_moves_every_output(synthetic_shards, tmp_path):
     assert t["logger"]["init_args"]["save_dir"] == str(run) and t["logger"]["init_args"]["name"] == "my_run"
     ck = [c for c in t["callbacks"] if c["class_path"].endswith("AtomicModelCheckpoint")]
     assert ck and ck[0]["init_args"]["dirpath"] == str(run / "checkpoints")
+
+
+def test_explicit_paths_are_kept_and_unset_ones_derived():
+    from glip_pl.lit.cli import GLIPCLI
+    from glip_pl.lit.datamodule import GroundingDataModule
+    from glip_pl.lit.module import GLIPLitModule
+    from glip_pl.lit.run_dir import DEFAULT_RUN_DIR, derive_run_paths
+
+    class ParseOnly(GLIPCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    recipe = str(ROOT / "recipes/local/cpu_smoke.yaml")
+    parser = ParseOnly(GLIPLitModule, GroundingDataModule, args=["--config", recipe], run=False).parser
+
+    def derived(*flags):
+        cfg = parser.parse_args(["--config", recipe, *flags])
+        root = derive_run_paths(cfg)
+        t = cfg.trainer
+        return root, t.logger.init_args.save_dir, t.logger.init_args.name, t.callbacks[0].init_args.dirpath
+
+    assert derived() == ("runs/cpu_smoke", "runs/cpu_smoke", "cpu_smoke", "runs/cpu_smoke/checkpoints")
+    assert derived("--trainer.default_root_dir=a/b", "--trainer.logger.init_args.save_dir=logs",
+                   "--trainer.logger.init_args.name=n") == ("a/b", "logs", "n", "a/b/checkpoints")
+    assert derived("--trainer.default_root_dir=null") == (DEFAULT_RUN_DIR, DEFAULT_RUN_DIR, "default",
+                                                          f"{DEFAULT_RUN_DIR}/checkpoints")

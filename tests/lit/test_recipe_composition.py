@@ -31,7 +31,8 @@ FIXTURE = ROOT / "tests" / "fixtures" / "recipes_main.json"
 
 # name -> the --config files, in order (each recipe alone; the stacks the README and cluster headers name)
 STACKS = {
-    **{f"pretrain/{r}": [f"recipes/pretrain/{r}.yaml"] for r in ("glip_t_a", "glip_t_b", "glip_t_c", "glip_t", "glip_l")},
+    **{f"pretrain/{r}": [f"recipes/pretrain/{r}.yaml"]
+       for r in ("glip_t_a", "glip_t_b", "glip_t_c", "glip_t", "glip_l")},
     **{f"finetune/{r}": [f"recipes/finetune/{r}.yaml"] for r in ("coco", "odinw_custom", "prompt_tuning")},
     "local/cpu_smoke": ["recipes/local/cpu_smoke.yaml"],
     "local/demo": ["recipes/local/demo.yaml"],

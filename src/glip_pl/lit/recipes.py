@@ -1,13 +1,13 @@
 """Recipes that name a base: ``__base__: ../base/pretrain.yaml`` at the top of a recipe.
 
 The recipe is read as its base with the recipe's own keys merged over it: mappings merge key by key at every depth,
-a list or a value replaces the base's, ``key+:`` appends to the base's list (``callbacks+:``, as jsonargparse). A mapping with ``class_path``/``init_args`` merges its ``init_args`` with the
-base's (the base's plain keys count as ``init_args``), so a row can switch ``data`` to another data module class and
-keep the base's data settings. ``__base__`` is a path relative to the recipe's folder, or a list of them (merged in
-order); a base may name its own base. A base that is missing, not a mapping, or part of a cycle is one error naming
-the recipe that asked for it. The composed recipe is what LightningCLI then parses as that ``--config`` file, so
-cluster files stacked before it on the command line stay under it, and ``load_recipe`` (for tools and tests that
-read a recipe's values) gives the same mapping.
+a list or a value replaces the base's, ``key+:`` appends to the base's list (``callbacks+:``, as in jsonargparse).
+A mapping with ``class_path``/``init_args`` merges its ``init_args`` with the base's (the base's plain keys count as
+``init_args``), so a row can switch ``data`` to another data module class and keep the base's data settings.
+``__base__`` is a path relative to the recipe's folder, or a list of them (merged in order); a base may name its own
+base. A base that is missing, not a mapping, or part of a cycle is one error naming the recipe that asked for it.
+The composed recipe is what LightningCLI then parses as that ``--config`` file, so cluster files stacked before it on
+the command line stay under it; ``load_recipe`` gives the same mapping to tools and tests that read a recipe's values.
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ class RecipeConfigFile(ActionConfigFile):
             return ActionConfigFile.apply_config(parser, cfg, dest, value)
         try:
             has_base = BASE_KEY in _read(Path(value), None)
+        except RecipeError:
+            return ActionConfigFile.apply_config(parser, cfg, dest, value)  # jsonargparse reports it as before
+        try:
             composed = yaml.safe_dump(load_recipe(value), sort_keys=False) if has_base else None
         except RecipeError as e:
             raise TypeError(str(e)) from None  # jsonargparse reports a TypeError as the option's error

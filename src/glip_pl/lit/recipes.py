@@ -1,13 +1,9 @@
-"""Recipes that name a base: ``__base__: ../base/pretrain.yaml`` at the top of a recipe.
+"""Recipes that name a base (``__base__: ../base/pretrain.yaml``, relative to the recipe): the base, recursively, with
+the recipe's keys merged over it.
 
-The recipe is read as its base with the recipe's own keys merged over it: mappings merge key by key at every depth,
-a list or a value replaces the base's, ``key+:`` appends to the base's list (``callbacks+:``, as in jsonargparse).
-A mapping with ``class_path``/``init_args`` merges its ``init_args`` with the base's (the base's plain keys count as
-``init_args``), so a row can switch ``data`` to another data module class and keep the base's data settings.
-``__base__`` is a path relative to the recipe's folder, or a list of them (merged in order); a base may name its own
-base. A base that is missing, not a mapping, or part of a cycle is one error naming the recipe that asked for it.
-The composed recipe is what LightningCLI then parses as that ``--config`` file, so cluster files stacked before it on
-the command line stay under it; ``load_recipe`` gives the same mapping to tools and tests that read a recipe's values.
+Mappings merge key by key, lists and values are replaced, ``key+:`` appends (as in jsonargparse), and a
+``class_path``/``init_args`` mapping takes the base's plain keys as its ``init_args``, so a row can switch its data
+module and keep the base's data settings. The composed mapping is what LightningCLI parses as that ``--config`` file.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
-"""One run directory that every output of a run derives from: ``trainer.default_root_dir``.
+"""One run directory, ``trainer.default_root_dir``, that every output of a run derives from.
 
-``glip-pl fit|validate|test`` fill in, where the recipe leaves them unset, the checkpoint folder of every
-``ModelCheckpoint`` (``<run>/checkpoints``) and the ``save_dir`` of every logger that has one (``<run>``: the W&B
-files, ``wandb_run_id`` and ``config.yaml``, which Lightning writes to the first logger's ``save_dir``) and a W&B
-run's ``name`` (the run directory's name). The run lock ``<run>/glip_pl.lock`` and Slurm's ``hpc_ckpt_*.ckpt`` sit
-in the run directory too. So ``--trainer.default_root_dir X`` moves the whole run; a value a recipe or flag sets
-explicitly is kept.
+Where the config leaves them unset, each ``ModelCheckpoint`` writes to ``<run>/checkpoints`` and each logger to
+``<run>`` (the W&B files, ``wandb_run_id``, and ``config.yaml``, which Lightning puts in the first logger's
+``save_dir``); a W&B run is named after the directory. Explicit values are kept.
 """
 
 from __future__ import annotations
@@ -33,8 +30,7 @@ def _is(spec, base) -> bool:
 
 
 def derive_run_paths(cfg) -> str:
-    """Set ``cfg.trainer.default_root_dir`` (``DEFAULT_RUN_DIR`` when unset) and the run paths derived from it, in
-    the parsed config of one subcommand (a jsonargparse Namespace); returns the run directory."""
+    """Fill in the run paths of one subcommand's parsed config; returns the run directory."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import WandbLogger
 

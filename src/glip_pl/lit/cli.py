@@ -76,6 +76,7 @@ class GLIPCLI(LightningCLI):
     def __init__(self, model_class=GLIPLitModule, datamodule_class=GroundingDataModule, *args,
                  subclass_mode_data: bool = True, parser_class=RecipeArgumentParser, **kwargs):
         self._run_lock = None
+        quiet_library_notices()
         try:
             super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data,
                              parser_class=parser_class, **kwargs)
@@ -247,7 +248,6 @@ def prefer_hpc_checkpoint(root, chosen: Optional[str]) -> Optional[str]:
 
 def run(args: list) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_library_notices()
     GLIPCLI(
         GLIPLitModule,
         GroundingDataModule,

@@ -2,6 +2,8 @@
 
 - The resolved config is written beside the checkpoints (``<run>/config.yaml``), stored inside every checkpoint
   and sent to W&B as the run's config.
+- ``fit`` with a logger always has a ``LearningRateMonitor`` (one lr series per parameter group,
+  ``lr-AdamW/<group>``, every step; added when the recipe lists none).
 - Preemption: ``fit`` always has a ``PreemptionCheckpoint`` (added when the recipe lists none;
   ``--preemption_checkpoint false`` leaves it out): SIGTERM/SIGUSR1 save ``last.ckpt`` at the step boundary, stop, and
   requeue the Slurm job.
@@ -145,6 +147,12 @@ class GLIPCLI(LightningCLI):
 
             if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
                 trainer.callbacks.append(PreemptionCheckpoint())
+        if self.subcommand == "fit" and trainer.loggers:
+            from lightning.pytorch.callbacks import LearningRateMonitor
+
+            # the run's only lr series (lr-AdamW/<param group>), logged every step
+            if not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+                trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         return trainer
 
     def _parse_ckpt_path(self) -> None:

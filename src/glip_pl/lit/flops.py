@@ -1,0 +1,106 @@
+"""FLOPs of one training step (forward + loss + backward) of the live model at a real batch's shapes.
+
+Counted with ``torch.utils.flop_counter`` on a fake copy (``FakeTensorMode``: shapes only, no memory, no arithmetic,
+no collective, the RNG untouched), so counting costs no device memory and cannot change the run. Conventions are
+those of ``benchmarks/count_flops.py``: attention in its plain form (the fused SDPA kernels are invisible to the
+counter), a deformable 3×3 conv as the dense conv it replaces (the copy runs on fake CPU tensors, where the DyHead
+uses its grid_sample + matmul form: the matmul is that dense conv), model FLOPs without the recomputation of
+activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class FlopsNotCounted(RuntimeError):
+    """The step cannot be counted on a fake copy (the message says why)."""
+
+
+def _sharded(model: nn.Module) -> Optional[str]:
+    for name, p in model.named_parameters():
+        if hasattr(p, "full_tensor"):
+            return f"parameter {name} is a DTensor shard (FSDP2)"
+        if hasattr(p, "ds_numel") and p.numel() != p.ds_numel:
+            return f"parameter {name} is a DeepSpeed ZeRO-3 partition"
+    return None
+
+
+def _fake(mode, obj):
+    """The same structure with every tensor replaced by an empty fake CPU tensor of its shape and dtype."""
+    if isinstance(obj, torch.Tensor):
+        with mode:
+            out = torch.empty(obj.shape, dtype=obj.dtype, device="cpu")
+        return out
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _fake(mode, getattr(obj, f.name))
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fake(mode, x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _fake(mode, v) for k, v in obj.items()}
+    return obj
+
+
+def _identity(x):
+    return x
+
+
+def fake_copy(model: nn.Module, mode) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are fake CPU tensors; the live model is not touched.
+
+    Methods bound to objects outside the model (the Lightning module's all-reduce hook on the criterion) become the
+    identity: the copy runs in one process. Plain attention, no activation checkpointing, no compiled forward."""
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        f = _fake(mode, t.detach())
+        memo[id(t)] = nn.Parameter(f, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else f
+    inside = {id(m) for m in model.modules()}
+    for m in model.modules():
+        for v in vars(m).values():
+            if inspect.ismethod(v) and id(v.__self__) not in inside:
+                memo[id(v)] = _identity
+    twin = copy.deepcopy(model, memo)
+    for m in twin.modules():
+        if isinstance(getattr(m, "use_sdpa", None), bool):
+            m.use_sdpa = False
+        for flag in ("checkpoint_fusion", "checkpoint_text", "checkpoint_dyhead"):
+            if isinstance(getattr(m, flag, None), bool):
+                setattr(m, flag, False)
+        if getattr(m, "grad_checkpointing", False) is True:  # timm
+            m.grad_checkpointing = False
+        if getattr(m, "gradient_checkpointing", False) is True:  # transformers
+            m.gradient_checkpointing = False
+        m._compiled_call_impl = None
+    return twin
+
+
+def train_step_flops(model: nn.Module, images, image_sizes, text, targets) -> int:
+    """FLOPs of ``model.loss(model(images, image_sizes, text), targets)`` and its backward for one batch.
+
+    ``model`` is the plain GLIP (``GLIPLitModule.model``); raises ``FlopsNotCounted`` when its parameters are
+    sharded (FSDP2, ZeRO-3: the rank holds no full shapes to copy) or the fake run fails."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    why = _sharded(model)
+    if why:
+        raise FlopsNotCounted(why)
+    mode = FakeTensorMode()
+    try:
+        twin = fake_copy(model, mode).train()
+        images, image_sizes, text, targets = _fake(mode, (images, image_sizes, text, targets))
+        params = [p for p in twin.parameters() if p.requires_grad]
+        with mode, FlopCounterMode(display=False) as counter:
+            terms = twin.loss(twin(images, image_sizes, text), targets)
+            total = twin.criterion.total(terms)
+            torch.autograd.grad(total, params, allow_unused=True)
+    except Exception as e:  # noqa: BLE001 - any op without a fake kernel: report, never stop training
+        raise FlopsNotCounted(f"{type(e).__name__}: {e}") from e
+    return int(counter.get_total_flops())

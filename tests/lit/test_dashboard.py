@@ -160,6 +160,10 @@ def test_the_whole_config_reaches_wandb(fit_run):
     assert config["config"]["data"]["init_args"]["batch_size"] == 2
     logged = {k for h in history for k in h}
     assert "perf/images_per_s" in logged and "lr-AdamW/language" in logged
+    import yaml
+
+    (hparams,) = run.glob("csv/version_*/hparams.yaml")  # every logger gets the config, not only the first
+    assert {"trainer", "model", "data"} <= set(yaml.safe_load(hparams.read_text())["config"])
 
 
 def test_mfu_where_the_peak_is_known(tmp_path, synthetic_shards, monkeypatch):

@@ -50,14 +50,15 @@ from glip_pl.lit.module import GLIPLitModule
 
 
 class _SaveConfig(SaveConfigCallback):
-    """Save config.yaml in the run directory and push it to the logger (W&B) as hyper-parameters."""
+    """Save config.yaml in the run directory and push it to every logger (W&B, CSV) as hyper-parameters."""
 
     def save_config(self, trainer, pl_module, stage) -> None:
         cfg = self.parser.dump(self.config, skip_none=False)
-        if trainer.logger is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
             import yaml
 
-            trainer.logger.log_hyperparams({"config": yaml.safe_load(cfg)})
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": yaml.safe_load(cfg)})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint["glip_pl_config"] = self.parser.dump(self.config, skip_none=False)

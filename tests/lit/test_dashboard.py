@@ -129,8 +129,11 @@ def test_one_throughput_figure_and_no_mfu_on_cpu(fit_run):
     assert len(lines) == 1 and "peak FLOP/s of cpu is unknown" in lines[0], out[-2000:]
     gflop = float(re.search(r"ThroughputMonitor: ([0-9.e+]+) GFLOP per batch of 2", lines[0]).group(1))
     assert gflop > 0
-    fractions = [float(r["perf/data_wait_fraction"]) for r in rows if r.get("perf/data_wait_fraction")]
-    assert fractions and all(0 <= f <= 1 for f in fractions)
+    perf = [r for r in rows if r.get("perf/images_per_s")]
+    assert perf and all(0 <= float(r["perf/data_wait_fraction"]) <= 1 for r in perf)
+    for r in perf:  # the data-wait split covers the same step (window 1) as the images/s: 2 images per step
+        step_s = float(r["perf/data_wait_s"]) + float(r["perf/compute_s"])
+        assert float(r["perf/images_per_s"]) == pytest.approx(2 / step_s, rel=0.02)
 
 
 def test_one_lr_series_per_param_group(fit_run):

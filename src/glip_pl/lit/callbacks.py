@@ -18,7 +18,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 class ThroughputMonitor(LightningThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` reduced to the dashboard's figures, with the step's FLOPs counted and the
-    time waiting for the loader split out. Logged every ``trainer.log_every_n_steps`` on rank 0, training only:
+    time waiting for the loader split out. Logged by rank 0 every ``trainer.log_every_n_steps``, training only, once
+    the window (the last ``log_every_n_steps`` steps; the run's first step, which counts the FLOPs, never in it) is
+    full; every figure covers the same steps:
 
     * ``perf/images_per_s``: images per second of all ranks together (rank 0's rate × world size), the rolling mean
       over the last ``log_every_n_steps`` steps (validation time excluded);
@@ -85,16 +87,17 @@ class ThroughputMonitor(LightningThroughputMonitor):
     @rank_zero_only
     def on_validation_end(self, trainer, *args):
         super().on_validation_end(trainer, *args)
-        self._step_t1 = None  # the gap around validation is not data wait
+        if self._step_t1 is not None and not trainer.sanity_checking:
+            self._step_t1 = time.perf_counter()  # validation is not data wait (nor step time for Lightning's monitor)
 
     def _compute(self, trainer, iter_num: Optional[int] = None) -> None:
         if not trainer._logger_connector.should_update_logs or trainer.state.stage != RunningStage.TRAINING:
             return
         raw = self._throughputs[RunningStage.TRAINING].compute()
-        metrics = {}
         rate = raw.get("samples_per_sec", raw.get("device/samples_per_sec"))
-        if rate is not None:
-            metrics["perf/images_per_s"] = rate
+        if rate is None:
+            return  # the window is not full yet: every logged row covers the same steps
+        metrics = {"perf/images_per_s": rate}
         if "device/mfu" in raw:
             metrics["perf/mfu"] = raw["device/mfu"]
         if self._split:
@@ -103,8 +106,8 @@ class ThroughputMonitor(LightningThroughputMonitor):
                             "perf/data_wait_fraction": wait / max(wait + compute, 1e-12)})
         if torch.cuda.is_available():
             metrics["perf/gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if metrics:  # through the module: one logger row per step with the step's other metrics
-            trainer.lightning_module.log_dict(metrics, rank_zero_only=True, batch_size=1)
+        # through the module: one logger row per step with the step's other metrics
+        trainer.lightning_module.log_dict(metrics, rank_zero_only=True, batch_size=1)
 
 
 class EMA(EMAWeightAveraging):

@@ -220,3 +220,7 @@ def test_flop_count_equals_a_real_step_and_leaves_the_model_alone(synthetic_shar
     with FlopCounterMode(display=False) as real:
         model.criterion.total(model.loss(model(*args[:3]), args[3])).backward()
     assert counted == real.get_total_flops() > 0
+    # model FLOPs: the same count whatever the kernels and whatever is recomputed in the backward
+    switches = dict(use_sdpa=True, deform_conv="torchvision", checkpoint_backbone=True, checkpoint_text=True,
+                    checkpoint_fusion=True, checkpoint_dyhead=True)
+    assert train_step_flops(build_glip("tiny", **switches).train(), *args) == counted

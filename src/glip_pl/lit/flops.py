@@ -3,9 +3,9 @@
 Counted with ``torch.utils.flop_counter`` on a fake copy (``FakeTensorMode``: shapes only, no memory, no arithmetic,
 no collective, the RNG untouched), so counting costs no device memory and cannot change the run. Conventions are
 those of ``benchmarks/count_flops.py``: attention in its plain form (the fused SDPA kernels are invisible to the
-counter), a deformable 3×3 conv as the dense conv it replaces (the copy runs on fake CPU tensors, where the DyHead
-uses its grid_sample + matmul form: the matmul is that dense conv), model FLOPs without the recomputation of
-activation checkpointing.
+counter), a deformable 3×3 conv as the dense conv it replaces (the copy uses the DyHead's grid_sample + matmul form,
+whose matmul is that dense conv; the sampling is not counted), model FLOPs without the recomputation of activation
+checkpointing.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def fake_copy(model: nn.Module, mode) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are fake CPU tensors; the live model is not touched.
 
     Methods bound to objects outside the model (the Lightning module's all-reduce hook on the criterion) become the
-    identity: the copy runs in one process. Plain attention, no activation checkpointing, no compiled forward."""
+    identity: the copy runs in one process. Plain attention, deformable convs in their grid_sample form, no activation
+    checkpointing, no compiled forward."""
     memo = {}
     for t in list(model.parameters()) + list(model.buffers()):
         f = _fake(mode, t.detach())
@@ -66,8 +67,12 @@ def fake_copy(model: nn.Module, mode) -> nn.Module:
         for v in vars(m).values():
             if inspect.ismethod(v) and id(v.__self__) not in inside:
                 memo[id(v)] = _identity
+    from glip_pl.model.dyhead import ModulatedDeformConv3x3
+
     twin = copy.deepcopy(model, memo)
     for m in twin.modules():
+        if isinstance(m, ModulatedDeformConv3x3):
+            m.impl = "grid_sample"  # torchvision's kernel is invisible to the counter; this form's matmul is the conv
         if isinstance(getattr(m, "use_sdpa", None), bool):
             m.use_sdpa = False
         for flag in ("checkpoint_fusion", "checkpoint_text", "checkpoint_dyhead"):

@@ -1,6 +1,9 @@
 """``glip-pl fit | validate | test`` through LightningCLI; several ``--config`` files stack (cluster + recipe).
 
-- The resolved config is written beside the checkpoints (``<run>/config.yaml``), stored inside every checkpoint
+- One run directory, ``trainer.default_root_dir``: the checkpoint folder, the logger's ``save_dir`` (W&B files,
+  ``wandb_run_id``, ``config.yaml``) and the W&B run name derive from it unless set explicitly
+  (``glip_pl.lit.run_dir``). A recipe may name a base (``__base__``, ``glip_pl.lit.recipes``).
+- The resolved config is written in the run directory (``<run>/config.yaml``), stored inside every checkpoint
   and sent to W&B as the run's config.
 - ``fit`` with a logger always has a ``LearningRateMonitor`` (one lr series per parameter group,
   ``lr-AdamW/<group>``, every step; added when the recipe lists none).
@@ -37,6 +40,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
+import lightning.pytorch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -47,6 +51,8 @@ from glip_pl.lit.allowlist import (  # noqa: F401  (re-exported: the allow-list'
 from glip_pl.lit.datamodule import GroundingDataModule
 from glip_pl.lit.logging import launch_rank
 from glip_pl.lit.module import GLIPLitModule
+from glip_pl.lit.recipes import RecipeArgumentParser, RecipeConfigFile
+from glip_pl.lit.run_dir import derive_run_paths
 
 
 class _SaveConfig(SaveConfigCallback):
@@ -70,13 +76,22 @@ class GLIPCLI(LightningCLI):
     with its ``init_args``: any ``GroundingDataModule`` subclass from the allow-list."""
 
     def __init__(self, model_class=GLIPLitModule, datamodule_class=GroundingDataModule, *args,
-                 subclass_mode_data: bool = True, **kwargs):
+                 subclass_mode_data: bool = True, parser_class=RecipeArgumentParser, **kwargs):
         self._run_lock = None
         try:
-            super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+            super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data,
+                             parser_class=parser_class, **kwargs)
         finally:  # LightningCLI runs the subcommand inside __init__
             if self._run_lock is not None:
                 self._run_lock.release()
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.pytorch.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=RecipeConfigFile,
+                            help="a recipe (YAML); repeat to stack (cluster, then recipe); a recipe's __base__ "
+                                 "files are applied before it (glip_pl.lit.recipes)")
+        return parser
 
     def parse_arguments(self, parser, args) -> None:
         argv = sys.argv[1:] if args is None else args
@@ -123,8 +138,7 @@ class GLIPCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub] if sub else self.config
-        root = cfg.trainer.default_root_dir or "runs/default"
-        cfg.trainer.default_root_dir = root
+        root = derive_run_paths(cfg)
         if sub == "fit" and launch_rank() == 0:
             # before anything is built: the logger takes the run's W&B id, auto-resume may move files
             from glip_pl.run_lock import RunLock, RunLockHeld

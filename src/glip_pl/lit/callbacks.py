@@ -17,26 +17,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class ThroughputMonitor(LightningThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` reduced to the dashboard's figures, with the step's FLOPs counted and the
-    time waiting for the loader split out. Logged by rank 0 every ``trainer.log_every_n_steps``, training only, once
-    the window (the last ``log_every_n_steps`` steps; the run's first step, which counts the FLOPs, never in it) is
-    full; every figure covers the same steps:
-
-    * ``perf/images_per_s``: images per second of all ranks together (rank 0's rate × world size), the rolling mean
-      over the last ``log_every_n_steps`` steps (validation time excluded);
-    * ``perf/mfu``: model FLOPs utilisation, the step's FLOPs (counted once, on the first batch's shapes:
-      ``glip_pl.lit.flops``) × batches/s ÷ the device's peak (Lightning's table, for the run's precision). Absent
-      where the peak is unknown (CPU, a GPU missing from the table) or the FLOPs cannot be counted (FSDP2, ZeRO-3);
-      one line says which;
-    * ``perf/data_wait_fraction`` (with ``perf/data_wait_s`` and ``perf/compute_s``, the window's seconds): the part
-      of the step time spent between one step's end and the next one's start — the loader, plus whatever the loop
-      does between steps (a checkpoint save);
-    * ``perf/gpu_max_mem_gib`` on CUDA.
-
-    ``log_every_n_steps``: the averaging window in steps; the recipes set it to the trainer's logging interval, so
-    each value covers the steps since the previous one. Multi-scale training varies the image size and prompts vary
-    in length, so the MFU of a step whose shapes differ from the first batch's is approximate.
-    """
+    """Lightning's ``ThroughputMonitor`` reduced to ``perf/images_per_s`` (all ranks), ``perf/mfu`` and the data-wait
+    split, all over the same window of the last ``log_every_n_steps`` steps (README, "Weights & Biases"). The FLOPs
+    are counted once, on the first batch's shapes (``glip_pl.lit.flops``): with multi-scale images and prompts of
+    varying length the MFU of other steps is approximate. The first step (the count) is never in a window."""
 
     def __init__(self, log_every_n_steps: int = 10):
         super().__init__(batch_size_fn=len, window_size=max(int(log_every_n_steps), 1) + 1)

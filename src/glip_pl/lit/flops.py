@@ -1,12 +1,7 @@
-"""FLOPs of one training step (forward + loss + backward) of the live model at a real batch's shapes.
-
-Counted with ``torch.utils.flop_counter`` on a fake copy (``FakeTensorMode``: shapes only, no memory, no arithmetic,
-no collective, the RNG untouched), so counting costs no device memory and cannot change the run. Conventions are
-those of ``benchmarks/count_flops.py``: attention in its plain form (the fused SDPA kernels are invisible to the
-counter), a deformable 3×3 conv as the dense conv it replaces (the copy uses the DyHead's grid_sample + matmul form,
-whose matmul is that dense conv; the sampling is not counted), model FLOPs without the recomputation of activation
-checkpointing.
-"""
+"""FLOPs of one training step (forward + loss + backward) at a real batch's shapes, counted on a fake copy of the live
+model (``FakeTensorMode``): no device memory, no collective, the RNG untouched, so counting cannot change the run.
+Model FLOPs in ``benchmarks/count_flops.py``'s conventions: plain attention and the grid_sample deformable conv (the
+fused kernels are invisible to the counter), no activation-checkpointing recomputation."""
 
 from __future__ import annotations
 
@@ -33,7 +28,6 @@ def _sharded(model: nn.Module) -> Optional[str]:
 
 
 def _fake(mode, obj):
-    """The same structure with every tensor replaced by an empty fake CPU tensor of its shape and dtype."""
     if isinstance(obj, torch.Tensor):
         with mode:
             out = torch.empty(obj.shape, dtype=obj.dtype, device="cpu")
@@ -53,11 +47,8 @@ def _identity(x):
 
 
 def fake_copy(model: nn.Module, mode) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are fake CPU tensors; the live model is not touched.
-
-    Methods bound to objects outside the model (the Lightning module's all-reduce hook on the criterion) become the
-    identity: the copy runs in one process. Plain attention, deformable convs in their grid_sample form, no activation
-    checkpointing, no compiled forward."""
+    """A deep copy of ``model`` on fake CPU tensors. Methods bound outside the model (the Lightning module's all-reduce
+    hook on the criterion) become the identity: the copy runs in one process."""
     memo = {}
     for t in list(model.parameters()) + list(model.buffers()):
         f = _fake(mode, t.detach())
@@ -72,7 +63,7 @@ def fake_copy(model: nn.Module, mode) -> nn.Module:
     twin = copy.deepcopy(model, memo)
     for m in twin.modules():
         if isinstance(m, ModulatedDeformConv3x3):
-            m.impl = "grid_sample"  # torchvision's kernel is invisible to the counter; this form's matmul is the conv
+            m.impl = "grid_sample"
         if isinstance(getattr(m, "use_sdpa", None), bool):
             m.use_sdpa = False
         for flag in ("checkpoint_fusion", "checkpoint_text", "checkpoint_dyhead"):
@@ -87,10 +78,8 @@ def fake_copy(model: nn.Module, mode) -> nn.Module:
 
 
 def train_step_flops(model: nn.Module, images, image_sizes, text, targets) -> int:
-    """FLOPs of ``model.loss(model(images, image_sizes, text), targets)`` and its backward for one batch.
-
-    ``model`` is the plain GLIP (``GLIPLitModule.model``); raises ``FlopsNotCounted`` when its parameters are
-    sharded (FSDP2, ZeRO-3: the rank holds no full shapes to copy) or the fake run fails."""
+    """``model`` is the plain GLIP; ``FlopsNotCounted`` when its parameters are sharded (FSDP2, ZeRO-3: no full
+    shapes to copy) or the fake run fails."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -61,12 +61,14 @@ class ThroughputMonitor(LightningThroughputMonitor):
         self._step_t0 = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.is_global_zero and self._step_t0 is not None and self._step_t1 is not None:
+        if trainer.is_global_zero:
             if trainer.strategy.root_device.type == "cuda":
                 torch.cuda.synchronize()
-            self._split.append((self._pending_wait, time.perf_counter() - self._step_t0))
+            now = time.perf_counter()  # one clock reading ends this step and starts the next wait: steps tile time
+            if self._step_t0 is not None and self._step_t1 is not None:
+                self._split.append((self._pending_wait, now - self._step_t0))
+            self._step_t1 = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._step_t1 = time.perf_counter()
 
     @rank_zero_only
     def on_validation_end(self, trainer, *args):

@@ -224,3 +224,30 @@ def test_flop_count_equals_a_real_step_and_leaves_the_model_alone(synthetic_shar
     switches = dict(use_sdpa=True, deform_conv="torchvision", checkpoint_backbone=True, checkpoint_text=True,
                     checkpoint_fusion=True, checkpoint_dyhead=True)
     assert train_step_flops(build_glip("tiny", **switches).train(), *args) == counted
+
+
+def test_sharded_parameters_are_not_counted(synthetic_shards, tokenizer):
+    """FSDP2 leaves each rank DTensor shards: no full shapes to copy, so no count (and no MFU), said in words."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from glip_pl.data import SourceSpec, TransformConfig, build_loader
+    from glip_pl.lit.flops import FlopsNotCounted, train_step_flops
+    from glip_pl.lit.strategies import shard_glip
+    from glip_pl.model import build_glip
+
+    batch = next(iter(build_loader([SourceSpec(urls=f"{synthetic_shards}/detection")], tokenizer, 2, train=True,
+                                   transforms=TransformConfig.eval(128, 128))))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = build_glip("tiny")
+        shard_glip(model, init_device_mesh("cpu", (1,)))
+        with pytest.raises(FlopsNotCounted, match="DTensor shard"):
+            train_step_flops(model, batch.images, batch.image_sizes, batch.text, batch.targets)
+    finally:
+        dist.destroy_process_group()

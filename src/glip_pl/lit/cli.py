@@ -5,6 +5,8 @@
   (``glip_pl.lit.run_dir``). A recipe may name a base (``__base__``, ``glip_pl.lit.recipes``).
 - The resolved config is written in the run directory (``<run>/config.yaml``), stored inside every checkpoint
   and sent to W&B as the run's config.
+- ``fit`` with a logger always has a ``LearningRateMonitor`` (one lr series per parameter group,
+  ``lr-AdamW/<group>``, every step; added when the recipe lists none).
 - Preemption: ``fit`` always has a ``PreemptionCheckpoint`` (added when the recipe lists none;
   ``--preemption_checkpoint false`` leaves it out): SIGTERM/SIGUSR1 save ``last.ckpt`` at the step boundary, stop, and
   requeue the Slurm job.
@@ -55,14 +57,15 @@ from glip_pl.lit.run_dir import derive_run_paths
 
 
 class _SaveConfig(SaveConfigCallback):
-    """Save config.yaml in the run directory and push it to the logger (W&B) as hyper-parameters."""
+    """Save config.yaml in the run directory and push it to every logger (W&B, CSV) as hyper-parameters."""
 
     def save_config(self, trainer, pl_module, stage) -> None:
         cfg = self.parser.dump(self.config, skip_none=False)
-        if trainer.logger is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
             import yaml
 
-            trainer.logger.log_hyperparams({"config": yaml.safe_load(cfg)})
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": yaml.safe_load(cfg)})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint["glip_pl_config"] = self.parser.dump(self.config, skip_none=False)
@@ -163,6 +166,12 @@ class GLIPCLI(LightningCLI):
 
             if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
                 trainer.callbacks.append(PreemptionCheckpoint())
+        if self.subcommand == "fit" and trainer.loggers:
+            from lightning.pytorch.callbacks import LearningRateMonitor
+
+            # the run's only lr series (lr-AdamW/<param group>), logged every step
+            if not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+                trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.subcommand == "predict":
             from glip_pl.lit.prediction_writer import DetectionWriter
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Optional
 
 import lightning as L
@@ -108,7 +107,6 @@ class GLIPLitModule(L.LightningModule):
         self._compiled_forward_loss = None  # built on first use by compile_step
         self._val_gt: list = []
         self._val_dt: list = []
-        self._t_last: Optional[float] = None
         self._autostep = optim.AutoStep(autostep_patience)
 
     @property
@@ -171,17 +169,7 @@ class GLIPLitModule(L.LightningModule):
                 return checked
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs, sync_dist=False)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            dt = now - self._t_last
-            self.log("train/images_per_s", bs / dt, batch_size=bs)
-            self.log("train/tokens_per_s", float(batch.text.attention_mask.sum()) / dt, batch_size=bs)
-        self._t_last = now
         return total
-
-    def on_before_optimizer_step(self, optimizer):
-        for i, group in enumerate(optimizer.param_groups):
-            self.log(f"lr/{group.get('name', i)}", group["lr"], rank_zero_only=True)
 
     # ------------------------------------------------------------------ reliability
     def configure_callbacks(self):
@@ -311,8 +299,9 @@ class GLIPLitModule(L.LightningModule):
         if metrics is None:
             return
         self.last_val_metrics = metrics
-        for k in ("AP", "AP50", "AP75"):
-            self.log(f"val/{k}", float(metrics[k]))
+        for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):  # eval.coco.METRIC_NAMES
+            if metrics[k] >= 0:  # COCO's -1: no ground truth in that size range
+                self.log(f"val/{k}", float(metrics[k]))
         if metrics.get("per_category"):
             from glip_pl.eval.coco import format_per_category
 

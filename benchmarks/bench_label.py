@@ -43,7 +43,8 @@ def bench_phrases(n: int, model: str, batch: int) -> dict:
 def bench_label(work: str, n: int, preset: str, min_size: int, max_size: int, batch: int, accelerator: str,
                 spacy_model: str, workers: int) -> dict:
     from glip_pl.data.synthetic import generate_synthetic
-    from glip_pl.label.job import LabelConfig, run_label
+    from glip_pl.label.config import LabelConfig
+    from glip_pl.label.job import run_label
     from glip_pl.model.glip import build_glip
 
     shards = os.path.join(work, "syn")

@@ -73,7 +73,8 @@ def setup(root: Path, teacher_sizes: list | None = None) -> Path:
 
 def label(root: Path, teacher: Path, filters: dict, size: int = 160) -> tuple:
     """(pseudo folder, index entry, precision/recall) of one labelling of the web captions at ``size`` px."""
-    from glip_pl.label.job import LabelConfig, run_label
+    from glip_pl.label.config import LabelConfig
+    from glip_pl.label.job import run_label
     from glip_pl.label.score import score_pseudo
 
     name = hashlib.sha256(json.dumps(filters, sort_keys=True).encode()).hexdigest()[:10]
@@ -145,7 +146,7 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path 
     import tarfile
 
     from glip_pl.data.reader import expand_urls, iter_raw
-    from glip_pl.label.job import _add_member
+    from glip_pl.data.writer import add_member
 
     out = root / name
     if out.exists():
@@ -170,8 +171,8 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path 
                     rec["extra"]["box_phrases"] = [p for p, k in zip(rec["extra"]["box_phrases"], keep) if k]
                 if ignore and dropped:
                     rec["ignore_boxes"], rec["ignore_spans"] = [b for b, _ in dropped], [sp for _, sp in dropped]
-                _add_member(tar, f"{raw['__key__']}.json", json.dumps(rec).encode())
-                _add_member(tar, f"{raw['__key__']}.{rec['image']}", raw[rec["image"]])
+                add_member(tar, f"{raw['__key__']}.json", json.dumps(rec).encode())
+                add_member(tar, f"{raw['__key__']}.{rec['image']}", raw[rec["image"]])
         shards.append({"name": name, "count": count, "bytes": os.path.getsize(tmp / name)})
     index = {"schema_version": 1, "kind": "grounding", "source": tmp.parent.name + "-" + out.name,
              "splits": {"train": {"count": sum(x["count"] for x in shards), "shards": shards}}}

@@ -63,7 +63,7 @@ def bench_label(work: str, n: int, preset: str, min_size: int, max_size: int, ba
         "teacher": ck, "input": os.path.join(shards, "caption"), "split": "train", "output": out,
         "phrases": {"model": spacy_model}, "filters": {"score_thresh": 0.5, "min_boxes": 0},
         "min_size": min_size, "max_size": max_size, "batch_size": batch, "num_workers": workers,
-        "accelerator": accelerator, "devices": 1})
+        "accelerator": accelerator, "devices": 1, "wandb": False})  # times the labelling, not a W&B run
     t = time.perf_counter()
     run_label(cfg)
     dt = time.perf_counter() - t

@@ -83,7 +83,8 @@ def label(root: Path, teacher: Path, filters: dict, size: int = 160) -> tuple:
         run_label(LabelConfig.from_dict({
             "teacher": str(teacher), "input": str(root / "E" / "caption"), "split": "train", "output": str(out),
             "phrases": {"model": SPACY}, "min_size": size, "max_size": size, "batch_size": 8, "num_workers": 0,
-            "accelerator": "cpu", "devices": 1, "overwrite": True, "filters": {"min_boxes": 1, **filters}}))
+            "accelerator": "cpu", "devices": 1, "overwrite": True, "wandb": False,
+            "filters": {"min_boxes": 1, **filters}}))
     entry = json.loads((out / "index.json").read_text())["splits"]["train"]
     return out, entry, score_pseudo(str(out), "train", input_dir=str(root / "E" / "caption"))
 

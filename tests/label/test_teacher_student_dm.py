@@ -81,9 +81,14 @@ def test_pseudo_boxes_can_leave_the_box_losses_to_gold(synthetic_shards, pseudo)
                                      pseudo=[{"urls": pseudo["output"], "split": "val", "box_loss_weight": bad}])
 
 
-def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shards, pseudo, tmp_path):
+def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shards, pseudo, tmp_path, monkeypatch):
     from glip_pl.label.datamodule import TeacherStudentDataModule
+    from glip_pl.model.glip import GLIP
 
+    def no_model(*a, **k):
+        raise AssertionError("the predict loader built the teacher model for its tokenizer")
+
+    monkeypatch.setattr(GLIP, "__init__", no_model)  # the tokenizer comes from the checkpoint's config alone
     label = dict(pseudo, output=str(tmp_path / "fresh"))
     dm = TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}], label=label, batch_size=2,
                                   num_workers=0)

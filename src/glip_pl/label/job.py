@@ -51,9 +51,11 @@ def make_trainer(cfg: LabelConfig, trainer_kwargs: Optional[dict] = None):
     gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     kw = dict(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-              precision=precision, logger=False, enable_checkpointing=False, callbacks=[CaptionProgressBar()],
-              enable_model_summary=False, use_distributed_sampler=False, inference_mode=True)
+              precision=precision, logger=False, enable_checkpointing=False, enable_model_summary=False,
+              use_distributed_sampler=False, inference_mode=True)
     kw.update(trainer_kwargs or {})
+    if kw.get("enable_progress_bar", True):
+        kw["callbacks"] = [*kw.get("callbacks", []), CaptionProgressBar()]
     return pl.Trainer(**kw)
 
 

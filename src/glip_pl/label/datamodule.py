@@ -1,12 +1,7 @@
-"""Data modules of the teacher–student loop: the labelling job's predict loader (caption shards, each rank its own
-unfinished ones) and ``TeacherStudentDataModule`` (gold sources + pseudo-labelled shards by weight, for the student).
-
-The student's recipe lists its gold sources under ``data.train`` and the labelling job's output under
-``data.pseudo`` (each with a weight, as any source); the train loader mixes them with the same weighted schedule as
-``GroundingDataModule`` (GLIP-T / GLIP-L recipes). ``data.label`` holds a ``LabelConfig`` (as a dict): its
-``predict_dataloader`` is the labelling job's. A second round of self-training is the same command with
-``label.teacher`` pointing at the student's checkpoint folder (its ``last.ckpt``) and a new ``label.output``.
-"""
+"""Data modules of the teacher–student loop: the labelling job's predict loader (each rank its own unfinished caption
+shards) and ``TeacherStudentDataModule``: the student's gold sources (``data.train``) and pseudo-labelled shards
+(``data.pseudo``) mixed by weight as in ``GroundingDataModule``, with ``data.label`` (a ``LabelConfig``) for its
+predict loader."""
 
 from __future__ import annotations
 
@@ -54,7 +49,7 @@ class CaptionPredictData:
     def predict_dataloader(self):
         from .plan import rank_shards, todo_shards
         from .reader import input_shards, make_predict_loader
-        from .teacher import resolve_teacher, teacher_text
+        from .teacher import read_teacher_text, resolve_teacher
 
         cfg = self.label_config()
         shards = input_shards(cfg)
@@ -67,7 +62,7 @@ class CaptionPredictData:
             log.warning("rank %d: resuming, %d of its %d shards already labelled", rank, len(mine) - len(self.todo),
                         len(mine))
         self.captions_todo = listed_captions(cfg, shards, self.todo)
-        tokenizer, max_text_len = self.teacher_text or teacher_text(resolve_teacher(cfg.teacher))
+        tokenizer, max_text_len = self.teacher_text or read_teacher_text(resolve_teacher(cfg.teacher))
         return make_predict_loader(cfg, shards, self.todo, tokenizer, max_text_len)
 
 

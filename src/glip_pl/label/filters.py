@@ -1,9 +1,4 @@
-"""Which of the teacher's detections become boxes, and which become ignore regions (``FilterConfig``).
-
-Score > ``score_thresh`` (official ``CAPTION_CONF``), optional NMS across phrases (one object, one phrase; not in
-the official data), ``top_k`` per phrase, ``max_boxes`` per image. Unkept candidates above ``ignore_thresh`` that
-overlap no kept box become ignore regions for their phrase.
-"""
+"""Which of the teacher's detections become boxes, and which become ignore regions (``FilterConfig``)."""
 
 from __future__ import annotations
 

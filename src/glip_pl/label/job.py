@@ -8,10 +8,6 @@ skips finished shards; SIGTERM stops the job before its next batch (exit status 
 labelled or counted as skipped with its reason, so ``input == labelled + skipped`` holds per shard and in
 ``index.json``. Skip reasons: ``bad_record`` (unreadable json / missing fields), ``non_text_caption``,
 ``empty_caption``, ``undecodable_image``, ``no_phrase``, ``too_few_boxes``, ``unboxed_phrase``.
-
-The rooms: ``config`` (options), ``reader`` (caption shards → batches), ``filters`` and ``record`` (detections →
-one caption's record), ``labeller`` (the LightningModule), ``writer`` (output shards), ``plan`` (ranks, resume),
-``summary`` (index entry, console, W&B), ``progress`` (the bar), ``datamodule`` (the predict loader).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def load_teacher(path: str):
     return load_glip_checkpoint(path)
 
 
-def teacher_text(path: str) -> tuple:
+def read_teacher_text(path: str) -> tuple:
     """(tokenizer, max_text_len) of the teacher's text encoder, from the checkpoint's config alone."""
     from ..checkpoints import read_glip_checkpoint
     from ..model.language import build_tokenizer

@@ -73,7 +73,8 @@ def setup(root: Path, teacher_sizes: list | None = None) -> Path:
 
 def label(root: Path, teacher: Path, filters: dict, size: int = 160) -> tuple:
     """(pseudo folder, index entry, precision/recall) of one labelling of the web captions at ``size`` px."""
-    from glip_pl.label.job import LabelConfig, run_label
+    from glip_pl.label.config import LabelConfig
+    from glip_pl.label.job import run_label
     from glip_pl.label.score import score_pseudo
 
     name = hashlib.sha256(json.dumps(filters, sort_keys=True).encode()).hexdigest()[:10]
@@ -82,7 +83,8 @@ def label(root: Path, teacher: Path, filters: dict, size: int = 160) -> tuple:
         run_label(LabelConfig.from_dict({
             "teacher": str(teacher), "input": str(root / "E" / "caption"), "split": "train", "output": str(out),
             "phrases": {"model": SPACY}, "min_size": size, "max_size": size, "batch_size": 8, "num_workers": 0,
-            "accelerator": "cpu", "devices": 1, "overwrite": True, "filters": {"min_boxes": 1, **filters}}))
+            "accelerator": "cpu", "devices": 1, "overwrite": True, "wandb": False,
+            "filters": {"min_boxes": 1, **filters}}))
     entry = json.loads((out / "index.json").read_text())["splits"]["train"]
     return out, entry, score_pseudo(str(out), "train", input_dir=str(root / "E" / "caption"))
 
@@ -145,7 +147,7 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path 
     import tarfile
 
     from glip_pl.data.reader import expand_urls, iter_raw
-    from glip_pl.label.job import _add_member
+    from glip_pl.data.writer import add_member
 
     out = root / name
     if out.exists():
@@ -170,8 +172,8 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path 
                     rec["extra"]["box_phrases"] = [p for p, k in zip(rec["extra"]["box_phrases"], keep) if k]
                 if ignore and dropped:
                     rec["ignore_boxes"], rec["ignore_spans"] = [b for b, _ in dropped], [sp for _, sp in dropped]
-                _add_member(tar, f"{raw['__key__']}.json", json.dumps(rec).encode())
-                _add_member(tar, f"{raw['__key__']}.{rec['image']}", raw[rec["image"]])
+                add_member(tar, f"{raw['__key__']}.json", json.dumps(rec).encode())
+                add_member(tar, f"{raw['__key__']}.{rec['image']}", raw[rec["image"]])
         shards.append({"name": name, "count": count, "bytes": os.path.getsize(tmp / name)})
     index = {"schema_version": 1, "kind": "grounding", "source": tmp.parent.name + "-" + out.name,
              "splits": {"train": {"count": sum(x["count"] for x in shards), "shards": shards}}}

@@ -101,7 +101,8 @@ def test_exif_rotated_jpeg_is_upright_in_every_path(tmp_path, tokenizer):
     assert np.array_equal(_training_image(out, tokenizer, 20), upright)
 
     # the pseudo-label job's reader decodes the caption image the same way (and records the upright size)
-    from glip_pl.label.job import CaptionShardReader, LabelConfig
+    from glip_pl.label.config import LabelConfig
+    from glip_pl.label.reader import CaptionShardReader
 
     reader = CaptionShardReader([], [], LabelConfig(teacher="t", input="i", output="o", min_size=0), tokenizer, 256)
     rec, t, size, reason, _ = reader._decode({"json": json.dumps({"id": "r", "caption": "a red half"}).encode(),

@@ -112,3 +112,24 @@ def test_pseudo_labelled_samples_round_trip(tmp_path):
         write_samples(str(tmp_path / "b"), "train", [{"json": bad, "image": img, "ext": "png"}], source="p",
                       kind="grounding", num_workers=1, progress=False)
     assert e.value.field == "scores"
+
+
+def test_public_pieces_write_the_bytes_write_split_writes(tmp_path):
+    """Shards written outside this module (the pseudo-label job's) use add_member / shard_name / dumps: the same
+    records give the very bytes of write_split's shard, so there is one shard format."""
+    import tarfile
+
+    from glip_pl.data.schema import SCHEMA_VERSION
+    from glip_pl.data.writer import add_member, dumps, shard_name
+
+    write_split(str(tmp_path / "ref"), "train", _records(3), _build, source="toy", kind="detection", num_workers=1,
+                progress=False)
+    name = shard_name("train", 0)
+    (tmp_path / "own").mkdir()
+    with tarfile.open(tmp_path / "own" / name, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, r in enumerate(_records(3)):
+            rec, image, ext, _, _ = _build(r)
+            rec.update(schema=SCHEMA_VERSION, image=ext)
+            add_member(tar, f"{i:09d}.{ext}", image)
+            add_member(tar, f"{i:09d}.json", dumps(rec).encode("utf-8"))
+    assert (tmp_path / "own" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()

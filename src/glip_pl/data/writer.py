@@ -31,7 +31,6 @@ from typing import Callable, Optional, Sequence
 from .schema import SCHEMA_VERSION, ConversionError, ShardError, Where, probe_image, validate_record
 from .shard_index import check_listed, read_index, staging_dir, write_index
 
-_write_index = write_index  # the name label/job.py imports
 PUBLISHING = "publishing"  # marker in the staging folder: every shard is written and they are being moved
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,8 @@ def plan_shards(size_hints: Sequence[int], target_bytes: int, max_count: Optiona
     return plan
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` as ``name`` with fixed metadata, so equal input gives byte-identical tars."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
     tar.addfile(info, io.BytesIO(data))
@@ -100,13 +100,13 @@ def _write_shard(job: dict) -> dict:
                         continue
                     rec["schema"], rec["image"] = SCHEMA_VERSION, ext
                     key = f"{index:09d}"
-                    _add_member(tar, f"{key}.{ext}", image)
-                    _add_member(tar, f"{key}.json", dumps(rec).encode("utf-8"))
+                    add_member(tar, f"{key}.{ext}", image)
+                    add_member(tar, f"{key}.json", dumps(rec).encode("utf-8"))
                     stats["count"] += 1
         stats["bytes"] = os.path.getsize(tmp)
-        with open(_stats_path(out_dir, name) + ".tmp", "w") as f:
+        with open(stats_path(out_dir, name) + ".tmp", "w") as f:
             json.dump(stats, f)
-        os.replace(_stats_path(out_dir, name) + ".tmp", _stats_path(out_dir, name))
+        os.replace(stats_path(out_dir, name) + ".tmp", stats_path(out_dir, name))
         os.replace(tmp, final)  # the shard exists under its final name only when complete
     finally:
         if os.path.exists(tmp):
@@ -114,7 +114,8 @@ def _write_shard(job: dict) -> dict:
     return stats
 
 
-def _stats_path(out_dir: str, name: str) -> str:
+def stats_path(out_dir: str, name: str) -> str:
+    """A shard's accounting, hidden beside it: written before the shard is renamed, so a named shard has one."""
     return os.path.join(out_dir, f".{name}.stats.json")
 
 
@@ -206,7 +207,7 @@ def write_split(
     jobs, stats = [], {}
     publishing = os.path.exists(os.path.join(stage, PUBLISHING))
     for name, idx in zip(names, plan):
-        sp = _stats_path(stage, name)
+        sp = stats_path(stage, name)
         # finished by an earlier run: still staged, or already moved into place by an interrupted publish (only
         # then may a shard of that name in the folder be ours: before, it is the old conversion's)
         if os.path.exists(sp) and (os.path.exists(os.path.join(stage, name))

@@ -21,7 +21,7 @@ def _merge(a: dict, b: dict) -> dict:
 def load_config(paths, overrides: dict):
     import yaml
 
-    from .job import LabelConfig
+    from .config import LabelConfig
 
     d: dict = {}
     for p in paths or []:
@@ -72,7 +72,8 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace an output folder that holds another labelling's shards (other input, teacher or "
                         "options; default: refuse)")
-    p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
+    p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                   help="log the quality summary to W&B (on by default; offline without an API key)")
     p.set_defaults(func=run)
 
 
@@ -95,13 +96,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..model.types import GLIPInputError
     from ..run_lock import RunLock, RunLockHeld
-    from .job import _rank_world, run_label
+    from ..distributed import launch_rank_world
+    from .job import run_label
     from .phrases import SpacyModelMissing
 
     torch.set_num_threads(1) if not torch.cuda.is_available() else None
     cfg = load_config(args.config, flag_overrides(args))
     # one labelling job per output folder (rank 0 holds the lock; the other ranks write their own shards)
-    lock = RunLock(cfg.output, "glip-pl pseudo-label") if cfg.output and _rank_world()[0] == 0 else None
+    lock = RunLock(cfg.output, "glip-pl pseudo-label") if cfg.output and launch_rank_world()[0] == 0 else None
     try:
         if lock is not None:
             lock.acquire()

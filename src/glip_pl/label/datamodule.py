@@ -1,21 +1,80 @@
-"""TeacherStudentDataModule: gold sources + pseudo-labelled shards by weight (train), caption shards (predict).
-
-The student's recipe lists its gold sources under ``data.train`` and the labelling job's output under
-``data.pseudo`` (each with a weight, as any source); the train loader mixes them with the same weighted schedule as
-``GroundingDataModule`` (GLIP-T / GLIP-L recipes). ``data.label`` holds a ``LabelConfig`` (as a dict): its
-``predict_dataloader`` feeds the labelling job, each rank its own caption shards. A second round of self-training
-is the same command with ``label.teacher`` pointing at the student's checkpoint folder (its ``last.ckpt``) and a
-new ``label.output``.
-"""
+"""Data modules of the teacher–student loop: the labelling job's predict loader (each rank its own unfinished caption
+shards) and ``TeacherStudentDataModule``: the student's gold sources (``data.train``) and pseudo-labelled shards
+(``data.pseudo``) mixed by weight as in ``GroundingDataModule``, with ``data.label`` (a ``LabelConfig``) for its
+predict loader."""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional
 
+import lightning.pytorch as pl
+
 from ..lit.datamodule import GroundingDataModule, Source
+from .config import LabelConfig
+
+log = logging.getLogger(__name__)
 
 
-class TeacherStudentDataModule(GroundingDataModule):
+def listed_captions(cfg: LabelConfig, shards: list, todo: list) -> Optional[int]:
+    """Input captions in the shards ``todo`` by the input folder's ``index.json``; None when it does not list them."""
+    from ..data.shard_index import read_index
+
+    if not os.path.isdir(cfg.input):
+        return None
+    listed = (read_index(cfg.input).get("splits") or {}).get(cfg.split) or {}
+    counts = {s.get("name"): s.get("count") for s in listed.get("shards") or [] if isinstance(s, dict)}
+    found = [counts.get(os.path.basename(shards[i])) for i in todo]
+    return sum(found) if all(isinstance(c, int) for c in found) else None
+
+
+class CaptionPredictData:
+    """The labelling job's ``predict_dataloader``: this rank's input shards not finished by an earlier run.
+
+    Sets ``todo`` (their positions) and ``captions_todo`` (their captions, when the input index lists them).
+    ``teacher_text``: (tokenizer, max_text_len) when the caller holds the teacher; else read from its checkpoint.
+    """
+
+    label_options: dict
+    teacher_text: Optional[tuple] = None
+
+    def label_config(self) -> LabelConfig:
+        if isinstance(self.label_options, LabelConfig):
+            return self.label_options
+        if not self.label_options:
+            raise ValueError(f"{type(self).__name__}: set data.label (a pseudo-label config) to predict")
+        return LabelConfig.from_dict(self.label_options)
+
+    def predict_dataloader(self):
+        from .plan import rank_shards, todo_shards
+        from .reader import input_shards, make_predict_loader
+        from .teacher import read_teacher_text, resolve_teacher
+
+        cfg = self.label_config()
+        shards = input_shards(cfg)
+        t = self.trainer
+        world, rank = (t.world_size, t.global_rank) if t is not None else (1, 0)
+        os.makedirs(cfg.output, exist_ok=True)
+        mine = rank_shards(len(shards), rank, world)
+        self.todo = todo_shards(cfg.output, cfg.out_split, mine)
+        if len(self.todo) < len(mine):
+            log.warning("rank %d: resuming, %d of its %d shards already labelled", rank, len(mine) - len(self.todo),
+                        len(mine))
+        self.captions_todo = listed_captions(cfg, shards, self.todo)
+        tokenizer, max_text_len = self.teacher_text or read_teacher_text(resolve_teacher(cfg.teacher))
+        return make_predict_loader(cfg, shards, self.todo, tokenizer, max_text_len)
+
+
+class LabelDataModule(CaptionPredictData, pl.LightningDataModule):
+    """The labelling job's data: predict only."""
+
+    def __init__(self, label: LabelConfig, teacher_text: Optional[tuple] = None):
+        super().__init__()
+        self.label_options, self.teacher_text = label, teacher_text
+
+
+class TeacherStudentDataModule(CaptionPredictData, GroundingDataModule):
     """A ``GroundingDataModule`` whose training mix adds pseudo-labelled sources, and whose predict loader feeds
     the labelling job."""
 
@@ -35,25 +94,3 @@ class TeacherStudentDataModule(GroundingDataModule):
         super().__init__(train=gold + self.pseudo_sources, **kwargs)
         self.gold_sources = gold
         self.label_options = dict(label or {})
-
-    def label_config(self):
-        from .job import LabelConfig
-
-        if not self.label_options:
-            raise ValueError("TeacherStudentDataModule: set data.label (a pseudo-label config) to predict")
-        return LabelConfig.from_dict(self.label_options)
-
-    def predict_dataloader(self):
-        """The labelling job's loader for this rank: its not-yet-labelled caption shards."""
-        from .job import input_shards, load_teacher, make_predict_loader, rank_shards, resolve_teacher, todo_shards
-
-        cfg = self.label_config()
-        shards = input_shards(cfg)
-        world, rank = self._world()
-        out_split = cfg.output_split or cfg.split
-        import os
-
-        os.makedirs(cfg.output, exist_ok=True)
-        todo = todo_shards(cfg.output, out_split, rank_shards(len(shards), rank, world))
-        teacher = load_teacher(resolve_teacher(cfg.teacher))
-        return make_predict_loader(cfg, shards, todo, teacher.tokenizer, teacher.cfg.max_text_len)

@@ -20,10 +20,10 @@ COMMANDS = {
     "evaluate": "glip_pl.eval.cli",
     "predict": "glip_pl.eval.cli_predict",
     "odinw": "glip_pl.eval.odinw",
-    "import-official": "glip_pl.official_cli",
+    "import-official": "glip_pl.checkpoints.cli_official",
     "pseudo-label": "glip_pl.label.cli",
     "pseudo-score": "glip_pl.label.score",
-    "consolidate": "glip_pl.lit.consolidate",
+    "consolidate": "glip_pl.checkpoints.cli_consolidate",
 }
 
 

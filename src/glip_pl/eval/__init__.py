@@ -37,7 +37,6 @@ _EXPORTS = {
     "merge_chunk_detections": "chunked",
     "Predictor": "predictor",
     "Prediction": "predictor",
-    "register_checkpoint_loader": "predictor",
     "draw_prediction": "draw",
     "draw_boxes": "draw",
     "validate_detections": "detections",

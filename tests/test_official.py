@@ -370,7 +370,8 @@ def test_official_module_imports_no_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, glip_pl.checkpoints.official, glip_pl.checkpoints.cli_official;"
+    code = ("import sys, glip_pl.checkpoints.official, glip_pl.checkpoints.cli_official, "
+            "glip_pl.checkpoints.consolidate, glip_pl.checkpoints.cli_consolidate;"
             "bad=[k for k in sys.modules if k.split('.')[0] in ('lightning','pytorch_lightning','deepspeed')];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

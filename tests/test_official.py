@@ -6,16 +6,21 @@ imported model across save/load."""
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 from official_listing import read_listing
 
-from glip_pl.model.glip import BGR255_MEAN, BGR255_STD, build_glip
 from glip_pl.checkpoints import CheckpointError, load_glip_checkpoint
-from glip_pl.checkpoints.official import export_official, glip_to_official, import_official, load_official_state_dict, official_to_glip
+from glip_pl.checkpoints.official import (
+    export_official,
+    glip_to_official,
+    import_official,
+    load_official_state_dict,
+    official_to_glip,
+)
 from glip_pl.checkpoints.official_names import official_cell_anchors, relative_position_index
+from glip_pl.model.glip import BGR255_MEAN, BGR255_STD, build_glip
 
 LISTINGS = {"glip_t": "glip_t_state_dict.txt", "glip_t_a": "glip_t_a_state_dict.txt", "glip_l": "glip_l_state_dict.txt"}
 # reference §1.5.4: official cell anchors (TO_REMOVE=1) of P3..P7

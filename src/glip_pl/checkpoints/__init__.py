@@ -3,7 +3,8 @@
 * ``glip``: glip_pl model files and Lightning checkpoints of ``GLIPLitModule`` — ``read_glip_checkpoint``,
   ``load_glip_checkpoint`` (a model), ``load_model_weights`` (into a model), ``load_model`` (through loaders),
   ``check_state_dict`` (the one missing / unexpected / shape check), ``write_glip_checkpoint``.
-* ``official`` / ``official_names``: released official GLIP files ⇄ glip_pl (``import_official``, ``export_official``).
+* ``official`` / ``official_names``: released official GLIP files ⇄ glip_pl (``import_official``,
+  ``export_official``).
 * ``zero`` / ``dcp`` / ``consolidate``: sharded DeepSpeed ZeRO and FSDP2 directories → one glip_pl file.
 * ``cli_official`` / ``cli_consolidate``: ``glip-pl import-official`` / ``export-official`` / ``consolidate``.
 

@@ -217,7 +217,8 @@ def glip_to_official(glip_sd: dict, preset: PresetLike) -> dict:
     has exactly the official key set. Raises if the glip_pl state dict does not match the preset.
     """
     cfg = preset_config(preset)
-    check_state_dict(glip_sd, glip_shapes(cfg), f"the glip_pl state dict does not match preset {_preset_name(preset)!r}")
+    check_state_dict(glip_sd, glip_shapes(cfg),
+                     f"the glip_pl state dict does not match preset {_preset_name(preset)!r}")
     # Emitted in the official module order (the reference listings' order), buffers at their places.
     windows = _block_windows(cfg)
     items: list = []

@@ -9,8 +9,8 @@
 * ``flickr``: ``evaluate_flickr`` (Recall@1/5/10, upper bound, per phrase type), ``FlickrEvaluator``.
 * ``chunked``: prompts past the text limit — backbone once per image, head once per chunk.
 * ``predictor``: ``Predictor`` / ``Prediction``; ``draw``: boxes and phrases on a PIL image.
-* ``detections``: ``load_json`` (``CocoEvalError``), ``validate_detections`` → ``DetectionsFileError`` naming the first
-  bad record.
+* ``detections``: ``load_json`` (``CocoEvalError``), ``validate_detections`` → ``DetectionsFileError`` naming the
+  first bad record.
 * ``cli`` / ``cli_predict`` / ``cli_odinw``: ``glip-pl evaluate`` / ``predict`` / ``odinw``.
 
 Attributes load lazily (the CLI and a data worker import only what they use). Nothing here imports Lightning;

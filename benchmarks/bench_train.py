@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_recipe(base: Path, out: Path, shards: str, workers: int, steps: int, every: int) -> Path:
-    cfg = yaml.safe_load(base.read_text())
+    from glip_pl.lit.recipes import load_recipe
+
+    cfg = load_recipe(base)  # a pretrain row with its __base__ merged in: the copy is read from another folder
     run = out / f"workers{workers}"
     tr = cfg["trainer"]
     tr.update(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
@@ -42,10 +44,11 @@ def make_recipe(base: Path, out: Path, shards: str, workers: int, steps: int, ev
                                                                                         "name": "csv"}}
     tr["callbacks"] = [{"class_path": "glip_pl.lit.callbacks.ThroughputMonitor",
                         "init_args": {"log_every_n_steps": every}}]
-    for src in cfg["data"]["train"]:
+    data = cfg["data"].get("init_args", cfg["data"])  # glip_t / glip_l name their data module class
+    for src in data["train"]:
         src["urls"] = src["urls"].replace("shards/synthetic", shards)
-    cfg["data"]["val"] = []
-    cfg["data"]["num_workers"] = workers
+    data["val"] = []
+    data["num_workers"] = workers
     path = out / f"workers{workers}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -163,9 +163,9 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "pretrain"
 
 
 def _recipe_swin(name: str) -> tuple:
-    import yaml
+    from glip_pl.lit.recipes import load_recipe
 
-    model = yaml.safe_load((RECIPES / name).read_text())["model"]
+    model = load_recipe(RECIPES / name)["model"]  # with the recipe's __base__ merged under it
     return model["preset"], model["model_options"]["swin__pretrained"]
 
 

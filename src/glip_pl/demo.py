@@ -1,11 +1,5 @@
-"""``glip-pl demo``: the whole loop on a laptop CPU in minutes, on the embedded synthetic data.
-
-1. make the synthetic shards (coloured shapes with captions and boxes) if they are not there;
-2. train the ``tiny`` preset with ``recipes/local/demo.yaml`` through the same LightningCLI as cluster runs;
-3. evaluate box AP on the synthetic validation split (class names as the prompt, zero-shot style);
-4. draw predictions for a few validation images;
-5. print AP / AP50 and where the checkpoint, the pictures and the offline W&B run are.
-"""
+"""``glip-pl demo``: shards, training, box AP and pictures on a laptop CPU in minutes, through the same LightningCLI
+as cluster runs (``recipes/local/demo.yaml``)."""
 
 from __future__ import annotations
 
@@ -19,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train the tiny model on synthetic shards on CPU and evaluate it")
-    p.add_argument("--recipe", default=str(ROOT / "recipes" / "local" / "demo.yaml"))
-    p.add_argument("--shards", default=str(ROOT / "shards" / "synthetic"))
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "local" / "demo.yaml"),
+                   help="training recipe (recipes/local/demo.yaml)")
+    p.add_argument("--shards", default=str(ROOT / "shards" / "synthetic"),
+                   help="synthetic shards folder, made there when missing (shards/synthetic)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's trainer.max_steps")
     p.add_argument("--fresh", action="store_true", help="start a new run instead of resuming runs/demo")
     p.add_argument("--pictures", type=int, default=4, help="validation images to draw predictions on")
@@ -62,9 +58,8 @@ def _draw(ckpt: Path, shards: Path, out: Path, n: int) -> list:
 
 
 def _set_aside(recipe: Path) -> None:
-    """``--fresh``: move the previous run directory aside (never delete it). Left in place, its checkpoints made the
-    new run write ``last-v1.ckpt`` beside the old ``last.ckpt``, which the demo then drew from and a later re-run
-    resumed from."""
+    """``--fresh``: move the previous run aside, never delete it. Left in place, its ``last.ckpt`` would make the new
+    run write ``last-v1.ckpt``, and the pictures and a later re-run would use the old one."""
     import yaml
 
     root = (yaml.safe_load(recipe.read_text()) or {}).get("trainer", {}).get("default_root_dir")

@@ -1,14 +1,9 @@
 """Pretrained weights by name: the released GLIP checkpoints and timm's ImageNet Swin weights on the Hugging Face Hub.
 
-``resolve_official("glip_t")`` and ``resolve_swin("timm/swin_tiny_patch4_window7_224.ms_in1k")`` return a local
-file. Files come through ``huggingface_hub.hf_hub_download``: downloaded once into the Hugging Face cache when the
-network is allowed, read from that cache when ``HF_HUB_OFFLINE=1`` (compute nodes, tests). A name that cannot be
-resolved is a ``GLIPInputError`` that says what to run. ``official_checkpoint(name)`` converts a released file into
-a glip_pl checkpoint once and keeps it in the glip_pl cache (``GLIP_PL_CACHE``, default ``~/.cache/glip_pl``).
-
-The cache location and offline switch are read from the environment at call time (``HF_HUB_CACHE``, ``HF_HOME``,
-``HF_HUB_OFFLINE``), not only when ``huggingface_hub`` was imported, so a job or test can point them elsewhere.
-This module imports no Lightning.
+Files are downloaded once into the Hugging Face cache when the network is allowed and read from it under
+``HF_HUB_OFFLINE=1`` (compute nodes, tests); a name that cannot be resolved is an error that says what to run. The
+cache location and offline switch are read from the environment at call time, not when ``huggingface_hub`` was
+imported, so a job or test can point them elsewhere.
 """
 
 from __future__ import annotations
@@ -53,12 +48,8 @@ SWIN_FOR_PRESET = {
 TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-# --------------------------------------------------------------------------------------------- cache + offline
-
-
 def hf_cache_dir() -> Optional[str]:
-    """The hub cache the environment names now (``HF_HUB_CACHE`` or its older spelling, else ``HF_HOME``/hub), in
-    huggingface_hub's order; None = the library default."""
+    """The hub cache the environment names now, in huggingface_hub's order; None = the library default."""
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
             return os.path.expanduser(os.path.expandvars(os.environ[var]))
@@ -77,7 +68,7 @@ def hf_offline() -> bool:
 
 
 def download_command(repo: str, *files: str) -> str:
-    """The shell command that puts ``files`` of ``repo`` into the cache (``hf`` is huggingface_hub's CLI since 0.34)."""
+    """``hf`` is huggingface_hub's CLI since 0.34."""
     return " ".join(["hf", "download", repo, *files])
 
 
@@ -92,7 +83,6 @@ class _NotInRepo(Exception):
 
 
 def hub_file(repo: str, filename: str, what: str) -> str:
-    """Local path of ``repo``/``filename``: from the cache, or downloaded into it when the network is allowed."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -106,13 +96,9 @@ def hub_file(repo: str, filename: str, what: str) -> str:
         return hf_hub_download(repo, filename, cache_dir=hf_cache_dir(), local_files_only=offline)
     except LocalEntryNotFoundError:
         cache = hf_cache_dir() or "the default Hugging Face cache"
-        if offline:
-            raise GLIPInputError(
-                f"{what}: {repo}/{filename} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1; "
-                f"run once with network: `{download_command(repo, filename)}`"
-            ) from None
+        why = "HF_HUB_OFFLINE=1" if offline else "the Hub cannot be reached"
         raise GLIPInputError(
-            f"{what}: {repo}/{filename} is not in the Hugging Face cache ({cache}) and the Hub cannot be reached; "
+            f"{what}: {repo}/{filename} is not in the Hugging Face cache ({cache}) and {why}; "
             f"run once with network: `{download_command(repo, filename)}`"
         ) from None
     except EntryNotFoundError:
@@ -124,11 +110,8 @@ def hub_file(repo: str, filename: str, what: str) -> str:
         raise GLIPInputError(f"{what}: downloading {repo}/{filename} failed ({first})") from None
 
 
-# --------------------------------------------------------------------------------------------- official GLIP
-
-
 def official_weights(name: str) -> OfficialWeights:
-    """The table entry of a short name (``glip_t``) or of a released file name (``glip_tiny_model_o365_goldg.pth``)."""
+    """The entry of a short name (``glip_t``) or a released file name (``glip_tiny_model_o365_goldg.pth``)."""
     if name in OFFICIAL_WEIGHTS:
         return OFFICIAL_WEIGHTS[name]
     for w in OFFICIAL_WEIGHTS.values():
@@ -147,7 +130,6 @@ def is_official_name(name) -> bool:
 
 
 def resolve_official(name: str) -> str:
-    """Local path of a released official GLIP checkpoint given its name (see ``OFFICIAL_WEIGHTS``)."""
     w = official_weights(name)
     try:
         return hub_file(w.repo, w.filename, f"pretrained GLIP {name!r}")
@@ -156,10 +138,10 @@ def resolve_official(name: str) -> str:
 
 
 def official_checkpoint(name: str, use_ema: bool = False) -> str:
-    """A glip_pl checkpoint of a released GLIP model: converted once (``import_official``), then reused.
+    """A glip_pl checkpoint of a released GLIP model, converted once into ``GLIP_PL_CACHE``.
 
-    The converted file is named after the downloaded blob (its content hash), or the snapshot's revision where the
-    cache holds copies instead of links, so a changed upstream file is converted again.
+    Named after the downloaded blob (its content hash), or the snapshot's revision where the cache holds copies
+    instead of links, so a changed upstream file is converted again.
     """
     from .checkpoints.official import import_official
 
@@ -180,15 +162,12 @@ def official_checkpoint(name: str, use_ema: bool = False) -> str:
     return str(out)
 
 
-# --------------------------------------------------------------------------------------------- ImageNet Swin
-
-
 def is_hub_name(value: str) -> bool:
     return value.startswith(("timm/", "hf-hub:"))
 
 
 def swin_repo(name: str) -> str:
-    """Hub repository of a Swin weight name: ``timm/ARCH[.TAG]`` (no tag: timm's default tag) or ``hf-hub:ORG/REPO``."""
+    """Hub repository of ``timm/ARCH[.TAG]`` or ``hf-hub:ORG/REPO``."""
     if name.startswith("hf-hub:"):
         return name[len("hf-hub:"):]
     import timm.models
@@ -207,10 +186,7 @@ def swin_repo(name: str) -> str:
 
 
 def resolve_swin(value: str, timm_name: Optional[str] = None) -> str:
-    """Local file with ImageNet Swin weights: a path as given, or a hub name resolved through the HF cache.
-
-    ``timm_name`` (the model's Swin architecture) only shapes the suggestion in the error message.
-    """
+    """Local file with ImageNet Swin weights; ``timm_name`` only shapes the suggestion in the error."""
     value = os.fspath(value)
     if os.path.isfile(value):
         return value

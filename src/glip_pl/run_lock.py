@@ -1,17 +1,10 @@
 """One job per output directory: ``glip-pl fit`` on a run directory, ``glip-pl pseudo-label`` on its output folder.
 
 Two jobs on one directory overwrite each other's ``last.ckpt`` (or shards) and share one W&B run id. The first
-takes ``<dir>/glip_pl.lock`` (rank 0 only: the callers decide which process that is), a small JSON file naming the
-holder — host, pid, ``SLURM_JOB_ID`` if set, command, start time — created atomically (written under a temporary
-name, then hard-linked to the lock name, which fails if it exists), and removed when the holder exits. A second job
-is refused with a message naming the holder, except:
-
-* a stale lock: the holder ran on this host and its pid is gone (killed with SIGKILL, the node's OOM killer);
-* a Slurm requeue of the same job: the holder's ``SLURM_JOB_ID`` equals ours (the old allocation is gone);
-* the same process taking it again.
-
-A holder on another host cannot be checked from here: the message says to delete the lock file if that job is
-gone. No Lightning import: the pseudo-labelling job uses it too.
+(rank 0 only) takes ``<dir>/glip_pl.lock``, a JSON file naming the holder, created atomically by a hard link that
+fails if it exists. A second job is refused with a message naming the holder, unless the lock is stale (this host,
+pid gone: SIGKILL, OOM killer), a Slurm requeue of the same job (the old allocation is gone) or our own. A holder
+on another host cannot be checked from here: the message says to delete the lock file if that job is gone.
 """
 
 from __future__ import annotations
@@ -51,7 +44,6 @@ class RunLock:
         self.command = command
         self._mine: Optional[str] = None
 
-    # -- the holder
     def _info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                 "command": self.command, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -79,7 +71,7 @@ class RunLock:
                 f"since {rec.get('started')}")
 
     def _why_not_take(self, rec: dict) -> Optional[str]:
-        """None when ``rec``'s holder may be replaced (stale, requeue of our Slurm job, ourselves), else why not."""
+        """None when ``rec``'s holder may be replaced, else why not."""
         if "unreadable" in rec:
             return "its lock file cannot be read"
         here = rec.get("host") == socket.gethostname()
@@ -93,7 +85,6 @@ class RunLock:
             return None
         return "it is running" if here else "it runs on another host, which cannot be checked from here"
 
-    # -- taking and giving back
     def _create(self, text: str) -> bool:
         tmp = self.path.with_name(f".{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}.tmp")
         tmp.write_text(text)
@@ -152,7 +143,7 @@ class RunLock:
         raise RunLockHeld(f"could not take {self.path}: other jobs keep taking it")
 
     def release(self) -> None:
-        """Remove the lock if it is still ours (a Slurm requeue may have taken it over)."""
+        """Only if it is still ours: a Slurm requeue may have taken it over."""
         if self._mine is None:
             return
         rec = self.holder()

@@ -53,7 +53,8 @@ WORKER = textwrap.dedent("""\
     from glip_pl.model.prompts import build_detection_prompt, spans_to_token_map
 
     cluster = yaml.safe_load(open(os.path.join(a["root"], "recipes/cluster/deepspeed_zero2.yaml")))["trainer"]
-    pretrain = yaml.safe_load(open(os.path.join(a["root"], "recipes/pretrain/glip_t.yaml")))
+    from glip_pl.lit.recipes import load_recipe
+    pretrain = load_recipe(os.path.join(a["root"], "recipes/pretrain/glip_t.yaml"))
     model_args = {k: v for k, v in pretrain["model"].items() if k not in ("preset", "model_options")}
     model_args.update(preset="tiny", model_options={"num_blocks": 1}, warmup_steps=0)
 
@@ -155,8 +156,6 @@ def _port() -> int:
 
 @pytest.mark.slow
 def test_zero2_zero3_groups_losses_and_consolidated_round_trip(tmp_path):
-    import yaml
-
     args = {"out": str(tmp_path), "port": _port(), "root": str(ROOT), "steps": STEPS, "stages": [2, 3]}
     r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(args)], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
@@ -164,7 +163,9 @@ def test_zero2_zero3_groups_losses_and_consolidated_round_trip(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
 
     # the recipe's groups: 2x lr and no weight decay for "bias" names, the language model's own lr
-    m = yaml.safe_load((ROOT / "recipes/pretrain/glip_t.yaml").read_text())["model"]
+    from glip_pl.lit.recipes import load_recipe
+
+    m = load_recipe(ROOT / "recipes/pretrain/glip_t.yaml")["model"]
     assert m["official_bias_rule"] is True
     want = {"vision_head": (m["lr"], m["weight_decay"]), "vision_head_bias": (2 * m["lr"], 0.0),
             "language": (m["lang_lr"], m["weight_decay"]), "language_bias": (2 * m["lang_lr"], 0.0)}

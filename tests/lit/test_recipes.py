@@ -11,8 +11,9 @@ from glip_pl.lit.module import GLIPLitModule
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 CLUSTER = sorted((ROOT / "recipes" / "cluster").glob("*.yaml"))
-# recipes/label/* are pseudo-labelling configs (glip-pl pseudo-label), parsed by tests/label
-MAIN = [r for r in RECIPES if "cluster" not in r.parts and "label" not in r.parts]
+# recipes/label/* are pseudo-labelling configs (glip-pl pseudo-label), parsed by tests/label; recipes/base/* are the
+# shared parts that recipes name with __base__ (tests/lit/test_recipe_composition.py)
+MAIN = [r for r in RECIPES if not {"cluster", "label", "base"} & set(r.parts)]
 
 
 class ParseOnly(GLIPCLI):

@@ -22,20 +22,15 @@ from .schema import Sample
 class GroundingBatch:
     """What the pipeline delivers to the model (contract with ``glip_pl.model``).
 
-    images: (B, 3, Hp, Wp) uint8 RGB, zero padded at the bottom/right; the model normalises.
-    image_sizes: (B, 2) long (h, w) of each image's content after the transforms; orig_sizes: (B, 2) long (h, w)
-    of the stored image. Boxes (``targets.boxes``) are x1, y1, x2, y2 float pixels of the transformed image
-    (continuous: x2 = x + w). ``targets.positive_map[b, m]`` is box m's row of ``phrase_maps[b]``.
-    For detection prompts there is one phrase per class in the prompt and ``phrase_labels`` are the dataset's
-    category ids; for grounding, one phrase per distinct span set and ``phrase_labels`` are phrase indices.
+    Boxes are pixels of the transformed image. ``phrase_labels`` are the dataset's category ids for detection
+    prompts, phrase indices for grounding.
     """
 
     images: Tensor  # (B, 3, Hp, Wp) uint8
-    image_sizes: Tensor  # (B, 2) long (h, w)
-    orig_sizes: Tensor  # (B, 2) long (h, w)
+    image_sizes: Tensor  # (B, 2) long (h, w) of the content after the transforms
+    orig_sizes: Tensor  # (B, 2) long (h, w) of the stored image
     text: TextInputs  # (B, T)
-    targets: Targets  # boxes (B, M, 4), valid (B, M), positive_map (B, M, T) [+ ignore regions (B, K, ...)]
-    #                   [+ box_weight (B, M) when a sample's source weighs its boxes != 1 in the box losses]
+    targets: Targets  # positive_map[b, m] is box m's row of phrase_maps[b]; box_weight only where one is != 1
     captions: list  # list[str]
     phrase_maps: list  # list[Tensor (P_b, T)] float 0/1
     phrase_names: list  # list[list[str]]
@@ -54,7 +49,7 @@ class GroundingBatch:
 
     @property
     def pixel_mask(self) -> Tensor:
-        """(B, Hp, Wp) bool, True on image content, False on padding."""
+        """(B, Hp, Wp) bool, True on image content."""
         B, _, H, W = self.images.shape
         rows = torch.arange(H, device=self.images.device).view(1, H, 1) < self.image_sizes[:, 0].view(B, 1, 1)
         cols = torch.arange(W, device=self.images.device).view(1, 1, W) < self.image_sizes[:, 1].view(B, 1, 1)
@@ -73,7 +68,6 @@ class GroundingBatch:
         return replace(self, **changes)
 
     def pin_memory(self) -> "GroundingBatch":
-        """Called by DataLoader(pin_memory=True)."""
         pin = lambda t: t.pin_memory()  # noqa: E731
         return replace(
             self, images=pin(self.images), image_sizes=pin(self.image_sizes), orig_sizes=pin(self.orig_sizes),
@@ -84,7 +78,7 @@ class GroundingBatch:
 
 
 def pad_images(images: Sequence[Tensor], size_divisibility: int = 32) -> tuple:
-    """Stack (3, H, W) uint8 CPU images into (B, 3, Hp, Wp) zero padded at the bottom/right; returns (batch, sizes)."""
+    """(3, H, W) uint8 CPU images → ((B, 3, Hp, Wp) zero padded at the bottom/right, sizes (B, 2))."""
     hs = [int(im.shape[1]) for im in images]
     ws = [int(im.shape[2]) for im in images]
     d = max(int(size_divisibility), 1)
@@ -100,7 +94,7 @@ META_FIELDS = ("spans_eval", "scores", "provenance", "hidden")
 
 def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility: int = 32,
             position: Optional[tuple] = None) -> GroundingBatch:
-    """Stage ``collate``: tokenised, transformed samples → ``GroundingBatch``."""
+    """Stage ``collate``."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     images, sizes = pad_images([s.image for s in samples], size_divisibility)
@@ -122,8 +116,8 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
         if m:
             boxes[b, :m], valid[b, :m] = s.boxes, True
             pmap[b, :m] = pm[s.box_phrases]
-    optional = _collate_ignore(samples, T)  # the optional Targets fields: ignore regions, box weights
-    if any(s.box_weight is not None and s.box_weight != 1.0 for s in samples):  # else all 1: left out
+    optional = _collate_ignore(samples, T)
+    if any(s.box_weight is not None and s.box_weight != 1.0 for s in samples):
         optional["box_weight"] = torch.tensor([1.0 if s.box_weight is None else float(s.box_weight)
                                                for s in samples])[:, None].expand(B, M).contiguous()
     meta = []
@@ -153,7 +147,7 @@ def collate(samples: Sequence[Sample], pad_token_id: int = 0, size_divisibility:
 
 
 def _collate_ignore(samples: Sequence[Sample], T: int) -> dict:
-    """Ignore regions of the batch padded to K per image: {} when no sample has one (the loss then skips them)."""
+    """Ignore regions padded to K per image; {} when no sample has one (the loss then skips them)."""
     K = max(len(s.ignore_map) if s.ignore_map is not None else 0 for s in samples)
     if K == 0:
         return {}

@@ -39,7 +39,7 @@ def _common(p: argparse.ArgumentParser, split: bool = True) -> None:
                    help="bad record: stop with an error naming file/record/field (default), or skip and count")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace shards from a different conversion")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
 
 def _annotations(p: argparse.ArgumentParser, help: str, dest: str = "ann", first: str = "--ann") -> None:
@@ -179,8 +179,8 @@ def register(subparsers) -> None:
     g.add_argument("--table", help="table of image paths and captions")
     g.add_argument("--img2dataset", help="img2dataset output folder (output_format webdataset)")
     p.add_argument("--images", default=None, help="folder the table's image paths are relative to")
-    p.add_argument("--image-col", default="image")
-    p.add_argument("--caption-col", default="caption")
+    p.add_argument("--image-col", default="image", help="column of image paths or URLs (image)")
+    p.add_argument("--caption-col", default="caption", help="column of captions (caption)")
     p.add_argument("--id-col", default=None, help="column of unique ids (default: row number)")
     p.add_argument("--columns", default=None, help="column names of a header-less tsv/csv, e.g. caption,image")
     _common(p)
@@ -189,18 +189,19 @@ def register(subparsers) -> None:
     p = sub.add_parser("synthetic", help="generate the synthetic shapes dataset (demo and tests)")
     p.add_argument("--train", type=int, default=512, help="train samples per flavour (512)")
     p.add_argument("--val", type=int, default=64, help="val samples per flavour (64)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--min-objects", type=int, default=1)
-    p.add_argument("--max-objects", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the scenes (0)")
+    p.add_argument("--image-size", type=int, default=256, help="image side in pixels (256)")
+    p.add_argument("--min-objects", type=int, default=1, help="fewest objects per scene (1)")
+    p.add_argument("--max-objects", type=int, default=4, help="most objects per scene (4)")
     p.add_argument("--object-size", default="0.15,0.35", metavar="MIN,MAX",
                    help="object side as a fraction of the image side (0.15,0.35)")
     p.add_argument("--noise", type=int, default=12, help="background noise amplitude, 0..255 (12; 0 = plain)")
     p.add_argument("--background", default="170,246", metavar="LO,HI",
                    help="background channel range (170,246: light; 20,90: dark scenes)")
     p.add_argument("--colour-jitter", type=int, default=12, help="per-object colour jitter amplitude, 0..255 (12)")
-    p.add_argument("--format", choices=("jpg", "png"), default="jpg")
-    p.add_argument("--flavours", default="detection,grounding,caption")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding (jpg)")
+    p.add_argument("--flavours", default="detection,grounding,caption",
+                   help="comma-separated sets to write, each a folder under --out (detection,grounding,caption)")
     p.add_argument("--classes", default=None, metavar="IDS",
                    help="comma-separated category ids scenes may hold (default: all 12; ids 1 + 4*shape + colour, "
                         "shapes circle/square/triangle, colours red/green/blue/yellow)")

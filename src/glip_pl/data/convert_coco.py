@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .convert_common import add_size_hints, build_from_file, file_record, load_json, resolve_image, skip_or_raise
-from .convert_common import typed_errors
-from .convert_common import xywh_to_xyxy
+from .convert_common import (add_size_hints, annotations_by_image, build_from_file, file_record, load_listed_json,
+                             resolve_image, skip_or_raise, typed_errors, xywh_to_xyxy)
 from .schema import ConversionError, Where
 from .writer import write_split
 
@@ -23,20 +22,11 @@ LVIS_IMAGE_FIELDS = ("neg_category_ids", "not_exhaustive_category_ids")
 @typed_errors
 def coco_records(ann_file: str, images_dir: Optional[str], on_error: str = "raise", source: str = "coco"):
     """(records, categories, skipped {code: ids}, dropped counts) from a COCO-format json."""
-    data = load_json(ann_file)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ConversionError("bad_field", ann_file, "-", key, "a COCO json needs a list here")
+    data = load_listed_json(ann_file, ("images", "annotations", "categories"), "a COCO json")
     categories = sorted(({"id": int(c["id"]), "name": c["name"]} for c in data["categories"]), key=lambda c: c["id"])
     cat_ids = {c["id"] for c in categories}
-    by_image, skipped, dropped = {}, {}, {"crowd_boxes": 0}
-    image_ids = {im.get("id") for im in data["images"]}
-    for a in data["annotations"]:
-        if a.get("image_id") not in image_ids:
-            skip_or_raise(ConversionError("unknown_image", ann_file, f"annotation id {a.get('id')}", "image_id",
-                                          f"image id {a.get('image_id')!r} is not in 'images'"), on_error, skipped)
-            continue
-        by_image.setdefault(a["image_id"], []).append(a)
+    skipped, dropped = {}, {"crowd_boxes": 0}
+    by_image = annotations_by_image(ann_file, data, on_error, skipped)
     records = []
     for im in data["images"]:
         rid = im.get("id")

@@ -1,9 +1,5 @@
-"""Helpers shared by the converters: records that point at image files, and the build function that reads them.
-
-A file record is a small picklable dict: {"id", "image_path", "json": partial stored record, "where": {...},
-"size_hint"}; ``build_from_file`` (run in writer processes) reads the bytes as they are — never re-encoded — and
-returns them with the record for validation.
-"""
+"""Helpers shared by the converters. A file record is a small picklable dict that writer processes turn into a
+sample with ``build_from_file``, which copies the image bytes as they are, never re-encoded."""
 
 from __future__ import annotations
 
@@ -46,6 +42,27 @@ def load_json(path: str):
         raise ConversionError("bad_json", path, "-", "-", f"invalid json: {e}") from None
 
 
+def load_listed_json(path: str, keys: tuple, what: str) -> dict:
+    data = load_json(path)
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise ConversionError("bad_field", path, "-", key, f"{what} needs a list here")
+    return data
+
+
+def annotations_by_image(ann_file: str, data: dict, on_error: str, skipped: dict) -> dict:
+    """{image id: its annotations}; an annotation of an image not in ``images`` is an error or skipped."""
+    image_ids = {im.get("id") for im in data["images"]}
+    by_image = {}
+    for a in data["annotations"]:
+        if a.get("image_id") not in image_ids:
+            skip_or_raise(ConversionError("unknown_image", ann_file, f"annotation id {a.get('id')}", "image_id",
+                                          f"image id {a.get('image_id')!r} is not in 'images'"), on_error, skipped)
+            continue
+        by_image.setdefault(a["image_id"], []).append(a)
+    return by_image
+
+
 def file_record(rid, image_path: str, rec: dict, where: Where) -> dict:
     return {"id": str(rid), "image_path": image_path, "json": rec,
             "where": {"file": where.file, "record": where.record, "box_fields": where.box_fields,
@@ -66,7 +83,6 @@ def add_size_hints(records: list, threads: int = 32) -> None:
 
 
 def build_from_file(record: dict):
-    """Writer build function: (json record, image bytes, extension, Where, image path)."""
     where = Where(**record["where"])
     path = record["image_path"]
     try:
@@ -80,7 +96,6 @@ def build_from_file(record: dict):
 
 
 def skip_or_raise(err: ConversionError, on_error: str, skipped: dict) -> None:
-    """Record-level errors found while reading annotations: raise, or count the record as skipped."""
     if on_error != "skip":
         raise err
     skipped.setdefault(err.code, []).append(str(err.record))
@@ -91,8 +106,7 @@ def resolve_image(images_dir: Optional[str], file_name: str) -> str:
 
 
 def typed_errors(fn):
-    """Records functions read untrusted json: a value of the wrong type deep inside (``"bbox": "abc"``, an
-    annotation that is a number, ...) becomes a ``ConversionError`` naming the file, never a bare TypeError."""
+    """A wrong type deep inside untrusted json (``"bbox": "abc"``) becomes a ``ConversionError`` naming the file."""
     import functools
 
     @functools.wraps(fn)

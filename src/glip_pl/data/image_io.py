@@ -1,15 +1,12 @@
 """One way to turn an image file into 8-bit RGB pixels, used by every path that decodes images (shard reading for
 training and evaluation, the converters' size probe, ``glip-pl predict``), so a box means the same pixels everywhere.
 
-* EXIF orientation is applied (``ImageOps.exif_transpose``): phone photos come out upright, and the converters record
-  the width/height of the upright image, which is what annotation tools show.
-* High-bit-depth images are scaled, not clipped: ``convert("RGB")`` clips 16-bit values at 255, so a 16-bit PNG
-  becomes almost white. Integer modes (I;16*, I) are taken as 16-bit data (what Pillow opens 16-bit PNG/TIFF as);
-  float images (F) in [0, 1] are scaled by 255, others are clipped to 0..255.
-* Transparency (RGBA, LA, PA, P/L with a transparent colour) is composited over white, as a viewer shows it,
-  instead of exposing whatever colour the transparent pixels happen to hold.
+* EXIF orientation is applied: the converters record the upright size, which is what annotation tools show.
+* High-bit-depth images are scaled, not clipped (``convert("RGB")`` turns a 16-bit PNG almost white); integer
+  modes are taken as 16-bit data (what Pillow opens 16-bit PNG/TIFF as), float images in [0, 1] are scaled by 255.
+* Transparency is composited over white, as a viewer shows it, not whatever colour transparent pixels hold.
 
-No Lightning or torch import: eval/ and the converters' worker processes use it.
+No torch import: the converters' worker processes use it.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ def _orientation(im) -> int:
 
 
 def oriented_size(im) -> tuple:
-    """(width, height) of ``im`` once its EXIF orientation is applied, read from the header only."""
+    """Upright (width, height) from the header only."""
     w, h = im.size
     return (h, w) if _orientation(im) in _SWAPS_SIDES else (w, h)
 
@@ -53,7 +50,7 @@ def _scale_to_uint8(im):
 
 
 def to_rgb(im):
-    """An upright 8-bit RGB copy of the PIL image ``im`` (any mode; see the module docstring)."""
+    """An upright 8-bit RGB copy of the PIL image ``im``."""
     from PIL import Image, ImageOps
 
     if _orientation(im) != 1:  # (most images: no copy) the result drops the tag, so applying it twice is harmless
@@ -73,8 +70,7 @@ def to_rgb(im):
 
 
 def open_rgb(source: Union[bytes, str, "os.PathLike"]):
-    """Decode encoded bytes or an image file to an upright 8-bit RGB PIL image. Raises what PIL raises for data it
-    cannot decode (callers turn that into their own error naming the shard/file)."""
+    """PIL's errors pass through for the caller to name its shard or file."""
     from PIL import Image
 
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:

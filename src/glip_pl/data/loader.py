@@ -1,10 +1,9 @@
 """``build_loader``: the DataLoader the training shell uses, with the startup check and a resumable position.
 
-The loader counts what its consumer has received (not what workers have prefetched): per logical worker the
-batches done and the next raw index. ``state_dict()`` saves that; ``load_state_dict()`` makes the next iteration
-continue with the next unseen samples, in the same order as an uninterrupted run, when the world size, workers,
-batch size, seed and sources are the same. Otherwise it starts the next epoch (a fresh shuffle) and warns: an
-exact continuation is impossible because shards are assigned to readers by rank and worker.
+The loader counts what its consumer has received, not what workers have prefetched, so a resume continues with
+the next unseen samples in the same order as an uninterrupted run. With another world size, workers, batch size,
+seed or sources that is impossible (shards are assigned to readers by rank and worker): it starts the next epoch
+and warns.
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ def _identity(x):
 
 
 class GroundingLoader:
-    """Iterable of ``GroundingBatch`` over one epoch per ``iter()``; see ``build_loader``. A train loader resumes an
-    interrupted epoch where its consumer stopped; an eval loader (``train=False``) starts every pass from the top."""
+    """One epoch of ``GroundingBatch`` per ``iter()``; an eval loader starts every pass from the top."""
 
     def __init__(self, stream: GroundingStream, num_workers: int, pin_memory: bool = False,
                  prefetch_factor: Optional[int] = None, timeout: float = 0):
@@ -43,29 +41,26 @@ class GroundingLoader:
         self.epoch = 0
         self.batches = 0  # consumed in this epoch
         self.workers = {}  # logical worker -> (batches done, next raw index)
-        self.history = collections.deque(maxlen=64)  # positions of the last batches handed out
-        # bad samples skipped (on_error="skip") by reason, and samples kept, over the whole run on this rank
-        self.skips: collections.Counter = collections.Counter()
+        self.history = collections.deque(maxlen=64)  # positions of the last batches, for the roll-back
+        self.skips: collections.Counter = collections.Counter()  # over the whole run on this rank
         self.kept = 0
         self._counts = collections.deque(maxlen=64)  # (kept, skipped) of the last batches, for the roll-back
         self._resume_rank = None
 
-    # -- iteration ---------------------------------------------------------------------------------------------
     def __iter__(self):
         W = self.stream.num_workers
         s = self.stream
         if not s.train:
-            # an eval pass always starts at the first sample: Lightning stops a sanity check or a limit_val_batches
-            # pass early, and resuming there made the next validation score other images (or none at all)
+            # Lightning stops a sanity check or a limit_val_batches pass early; resuming there would make the next
+            # validation score other images (or none at all).
             self._rewind()
         s.epoch, s.rotation = self.epoch, self.batches % W
         s.start = {w: (d, self._skip_for(w, d, r)) for w, (d, r) in self.workers.items()}
         kw = {}
         if self.num_workers > 0 and self.prefetch_factor is not None:
             kw["prefetch_factor"] = self.prefetch_factor
-        # a private generator: DataLoader otherwise draws its base seed from the global torch RNG, so a resumed
-        # run (which creates one more iterator) would train with a different dropout stream than an uninterrupted
-        # one; the stream's own randomness is seeded by (seed, epoch, rank, worker, index) anyway
+        # DataLoader otherwise draws its base seed from the global torch RNG, so a resumed run (one more iterator)
+        # would train with another dropout stream than an uninterrupted one.
         kw["generator"] = torch.Generator().manual_seed(s.seed)
         dl = DataLoader(s, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                         pin_memory=self.pin_memory, persistent_workers=False, timeout=self.timeout, **kw)
@@ -80,11 +75,10 @@ class GroundingLoader:
             self._counts.append((len(batch), dict(sk)))
             batch.skip_totals = {**self.skips, "kept": self.kept}
             yield batch
-        self.epoch += 1  # a complete epoch: the next iteration starts the next one
+        self.epoch += 1
         self._rewind()
 
     def _rewind(self) -> None:
-        """Forget the position within the epoch: the next iteration starts at its first batch."""
         self.batches, self.workers, self._resume_rank = 0, {}, None
         self.history.clear()
         self._counts.clear()
@@ -92,13 +86,12 @@ class GroundingLoader:
     def _skip_for(self, worker: int, done: int, raw: int) -> int:
         if self._resume_rank is None or self._resume_rank == self.stream.rank:
             return raw
-        # a state saved by another rank (Lightning saves rank 0's): with on_error="raise" every raw sample
-        # becomes exactly one batch element, so the batch count gives the raw position exactly
+        # Another rank's state (Lightning saves rank 0's): with on_error="raise" every raw sample becomes one batch
+        # element, so the batch count gives the raw position exactly.
         return done * self.stream.batch_size
 
     def __len__(self) -> int:
-        """Batches per epoch: ``steps_per_epoch`` when set; for one unshuffled (eval) source with an index.json,
-        computed from its shard counts. Otherwise unknown (TypeError, which DataLoader users treat as "no len")."""
+        """Known with ``steps_per_epoch`` or for one eval source with index.json; else TypeError ("no len")."""
         s = self.stream
         if s.steps_per_epoch is not None:
             return int(s.steps_per_epoch)
@@ -111,7 +104,6 @@ class GroundingLoader:
             return total
         raise TypeError("length unknown: give steps_per_epoch (known without it: one eval source with index.json)")
 
-    # -- resume ------------------------------------------------------------------------------------------------
     def signature(self) -> dict:
         s = self.stream
         return {"world_size": s.world_size, "num_workers": s.num_workers, "batch_size": s.batch_size,
@@ -119,8 +111,7 @@ class GroundingLoader:
                 "sources": [[x.name, len(x.urls), x.weight] for x in s.sources]}
 
     def state_dict(self, unconsumed: int = 0) -> dict:
-        """The position; ``unconsumed`` = batches fetched but not trained on yet (e.g. 1 for Lightning's
-        one-batch prefetch), which a resume will hand out again."""
+        """``unconsumed``: batches fetched but not trained on yet (1 for Lightning's prefetch), handed out again."""
         workers, batches = dict(self.workers), self.batches
         hist = list(self.history)
         if unconsumed > len(hist):
@@ -188,11 +179,8 @@ def build_loader(
 ) -> GroundingLoader:
     """A resumable loader of ``GroundingBatch`` over a weighted mix of shard sources.
 
-    train=True: shards shuffled per epoch, sample shuffle buffer (default 1000), multi-scale resize + flip,
-    sampled detection prompts, drop_last; ``resampled`` (default: train) draws shards with replacement forever and
-    needs ``steps_per_epoch`` (default: all sources' samples // (batch_size × world_size)).
     train=False: stored order, one size, no flip, all-class detection prompts, last partial batch kept.
-    Raises ValueError at once when a source has fewer shards than world_size × num_workers readers.
+    ``resampled`` (default: train) draws shards with replacement forever.
     """
     resolved = [resolve_source(s) for s in sources]
     if not resolved:
@@ -205,7 +193,7 @@ def build_loader(
         if any(c is None for c in counts):
             raise ValueError("resampled mode needs steps_per_epoch (sample counts unknown: no index.json)")
         steps_per_epoch = max(sum(counts) // (batch_size * world_size), 1)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs inside forked workers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # it runs inside forked workers
     stream = GroundingStream(
         resolved, tokenizer, batch_size, seed=seed, train=train, resampled=resampled, world_size=world_size,
         rank=rank, num_workers=num_workers, transforms=transforms, prompts=prompts,

@@ -1,10 +1,8 @@
 """Pipeline stage ``mix``: a weighted mix of sources that holds its ratios.
 
-Smooth weighted round-robin (the scheduler nginx uses for weighted upstreams): at every step each source's credit
-grows by its weight and the richest source is drawn and pays the total. After any n draws, source i has been drawn
-n·w_i/Σw times up to less than one draw — the ratios hold at every prefix, not only on average, and the order is
-deterministic (the sources' own shuffle buffers randomise what is drawn). A finite mix ends when a drawn source
-is exhausted, so the ratios also hold at the end of an epoch.
+Smooth weighted round-robin (nginx's weighted upstreams): after any n draws, source i has been drawn n·w_i/Σw
+times up to less than one draw, so the ratios hold at every prefix, also at the end of a finite epoch (which ends
+when a drawn source is exhausted). The order is deterministic; the sources' shuffle buffers randomise the content.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from typing import Iterable, Iterator, Sequence
 
 
 class WeightedSchedule:
-    """Which source each successive draw takes (pure function of the weights)."""
 
     def __init__(self, weights: Sequence[float]):
         if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -31,7 +28,7 @@ class WeightedSchedule:
 
 
 def mix(streams: Sequence[Iterable], weights: Sequence[float]) -> Iterator[tuple]:
-    """Yield (source index, item) drawn by ``WeightedSchedule``; stops when a drawn source is exhausted."""
+    """(source index, item) pairs."""
     its = [iter(s) for s in streams]
     sched = WeightedSchedule(weights)
     while True:

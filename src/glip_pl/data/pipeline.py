@@ -1,16 +1,8 @@
-"""The streaming pipeline: named stages from shard urls to ``GroundingBatch`` (DESIGN.md practice 11).
+"""The streaming pipeline: the named stages of README.md wired per data-loader worker, resumable.
 
-Per source:  shard_list → split_by_node → split_by_worker → [resampled] → read → shuffle
-Then:        mix (weighted) → decode (images + json only) → prompt → transform → tokenize → batch + collate
-(diagram in README.md). Each stage is a plain function in its own module and is tested alone; this module only
-wires them per data-loader worker and keeps the bookkeeping that makes the stream resumable:
-
-* every random choice is seeded by (seed, epoch, rank, logical worker, source or raw index), so a worker's stream
-  is a pure function of those numbers;
-* a worker can start at a given raw position: the samples before it are read but not decoded (``skip``), and
-  their per-sample randomness is not needed because it is seeded by the raw index;
-* every batch carries ``position`` = (logical worker, first raw index, next raw index, batches done) so the
-  loader knows exactly what has been consumed.
+Every random choice is seeded by (seed, epoch, rank, logical worker, source or raw index), so a worker can start at
+a raw position: the samples before it are read but not decoded. Every batch carries ``position`` = (logical worker,
+first raw index, next raw index, batches done) so the loader knows exactly what has been consumed.
 """
 
 from __future__ import annotations
@@ -42,7 +34,7 @@ STAGES = ("shard_list", "split_by_node", "split_by_worker", "read", "shuffle", "
 
 @dataclass
 class SourceSpec:
-    """One source of the mix: a source directory (with index.json), a brace pattern, a .tar, or a url list."""
+    """One source of the mix: a directory (with index.json), a brace pattern, a .tar, or a url list."""
 
     urls: Union[str, Sequence[str]]
     weight: float = 1.0
@@ -72,7 +64,6 @@ class ResolvedSource:
 
 
 def resolve_source(spec: SourceSpec) -> ResolvedSource:
-    """Shard urls, per-shard counts, categories and kind of a source from its index.json where there is one."""
     path = spec.urls
     index, directory = {}, None
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(str(path)):
@@ -109,8 +100,8 @@ def resolve_source(spec: SourceSpec) -> ResolvedSource:
 class GroundingStream(IterableDataset):
     """The per-worker pipeline as an ``IterableDataset`` of ``GroundingBatch`` (batched inside the worker).
 
-    ``epoch``, ``start`` ({logical worker: (batches done, raw index)}) and ``rotation`` are set by the loader
-    before each iteration; DataLoader copies them into its worker processes when the iteration starts.
+    The loader sets ``epoch``, ``start`` ({logical worker: (batches done, raw index)}) and ``rotation`` before each
+    iteration; DataLoader copies them into its workers when the iteration starts.
     """
 
     def __init__(self, sources: Sequence[ResolvedSource], tokenizer, batch_size: int, *, seed: int = 0,
@@ -140,9 +131,7 @@ class GroundingStream(IterableDataset):
         self.epoch, self.start, self.rotation = 0, {}, 0
         self.dropped = 0
 
-    # -- stages wired for one worker ---------------------------------------------------------------------------
     def source_raw(self, si: int, worker: int, num_workers: int, epoch: int, skipped=None):
-        """shard_list → split_by_node → split_by_worker → [resampled] → read → shuffle, for source ``si``."""
         src = self.sources[si]
         shards = shard_list(src.urls, self.seed, epoch, shuffle=self.train)
         shards = split_by_node(shards, self.rank, self.world_size)
@@ -159,7 +148,6 @@ class GroundingStream(IterableDataset):
         return shuffle(raw, self.shuffle_buffer, seeded("shuffle", self.seed, epoch, self.rank, worker, si))
 
     def process(self, raw: dict, si: int, rng) -> object:
-        """decode → prompt → transform → tokenize for one raw sample."""
         src = self.sources[si]
         sample = decode_sample(raw)
         sample.source = src.name
@@ -173,10 +161,8 @@ class GroundingStream(IterableDataset):
         return tokenize_sample(sample, self.tokenizer, cfg.max_text_len)
 
     def worker_samples(self, worker: int, num_workers: int, epoch: int, skip: int = 0, skipped=None):
-        """mix → (skip) → process; yields transformed, tokenised samples with ``position = (worker, raw index)``.
-
-        With ``on_error="skip"`` a bad sample (or the unreadable rest of a shard) is counted in ``skipped``
-        (a Counter by reason, see ``skip_reason``) and the stream goes on; pickle members always raise."""
+        """With ``on_error="skip"`` a bad sample is counted in ``skipped`` and the stream goes on; pickle members
+        always raise."""
         if skipped is None:
             skipped = collections.Counter()
         streams = [self.source_raw(si, worker, num_workers, epoch, skipped) for si in range(len(self.sources))]
@@ -203,7 +189,6 @@ class GroundingStream(IterableDataset):
             yield sample
 
     def worker_batches(self, worker: int, num_workers: int, epoch: int, done: int = 0, skip: int = 0):
-        """batch + collate, up to this worker's share of ``steps_per_epoch`` when set."""
         quota = None
         if self.steps_per_epoch is not None:
             q, r = divmod(int(self.steps_per_epoch), num_workers)

@@ -1,13 +1,9 @@
 """Pipeline stages ``prompt`` (sample → caption + phrases) and ``tokenize`` (caption → tokens + phrase maps).
 
-Detection samples become grounding prompts as GLIP trains them (reference §3.1, ``od_to_grounding.py``):
-positive classes shuffled and kept while their ``clean_name(c) + ". "`` tokens fit 254 (boxes of dropped classes are
-removed); then negatives: all ``num_negatives`` (85) with probability ``all_negatives_prob`` (0.5), otherwise a
-uniform count in 1..85, drawn without replacement from the other classes and kept while the budget stays positive;
-everything shuffled and joined with ". " with no trailing separator. The official code can draw "__background__"
-(id 0) as a negative (inferred, reference §3.1); that is off by default here (``include_background``).
-``mode="all"`` gives the evaluation / fine-tuning prompt: every class in id order (§3.3).
-Grounding samples keep their caption; boxes with identical span sets share one phrase (§3.2).
+Detection samples become grounding prompts as GLIP trains them (reference §3.1, ``od_to_grounding.py``): shuffled
+positives while they fit 254 tokens (boxes of dropped classes are removed), then sampled negatives while the budget
+stays positive, all shuffled. The official code can draw "__background__" (id 0) as a negative (inferred, §3.1);
+that is off by default here (``include_background``). Boxes with identical span sets share one phrase (§3.2).
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ class PromptConfig:
 
 
 class CategoryTable:
-    """A source's categories with the token cost of each ``clean_name(name) + ". "`` (computed once)."""
+    """A source's categories with each one's token cost, computed once."""
 
     def __init__(self, categories: list, tokenizer, separator: str = SEPARATOR):
         self.names = {int(c["id"]): c["name"] for c in categories}
@@ -47,7 +43,6 @@ class CategoryTable:
 
 
 def detection_prompt(sample: Sample, table: CategoryTable, rng: random.Random, cfg: PromptConfig) -> Sample:
-    """Stage ``prompt`` for detection samples (see the module docstring)."""
     if not table.ids:
         raise GLIPInputError(f"sample {sample.id}: detection source {sample.source!r} has no categories")
     cats = [int(c) for c in (sample.category_ids or [])]
@@ -96,7 +91,6 @@ def detection_prompt(sample: Sample, table: CategoryTable, rng: random.Random, c
 
 
 def grounding_prompt(sample: Sample) -> Sample:
-    """Stage ``prompt`` for grounding / caption samples: one phrase per distinct set of box spans."""
     phrases, box_phrases = {}, []
     for spans in sample.spans or []:
         key = tuple(sorted((int(s), int(e)) for s, e in spans))
@@ -113,7 +107,7 @@ def phrase_texts(caption: str, phrase_spans: list) -> list:
 
 
 def build_prompt(sample: Sample, table: Optional[CategoryTable], rng: random.Random, cfg: PromptConfig) -> Sample:
-    """Stage ``prompt``: dispatch by kind."""
+    """Stage ``prompt``."""
     if sample.kind == "detection":
         return detection_prompt(sample, table, rng, cfg)
     if not sample.caption:
@@ -122,11 +116,8 @@ def build_prompt(sample: Sample, table: Optional[CategoryTable], rng: random.Ran
 
 
 def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN) -> Sample:
-    """Stage ``tokenize``: token ids (T,) and the binary phrase → token map (P, T) (and ignore regions → (K, T)).
-
-    A phrase that maps to no token (its text was truncated past ``max_text_len``, or it is only punctuation) is
-    removed with its boxes, and counted in ``sample.extra["unmapped_phrases"]``.
-    """
+    """Stage ``tokenize``. A phrase that maps to no token (truncated, or only punctuation) is removed with its boxes
+    and counted in ``sample.extra["unmapped_phrases"]``."""
     text, offsets = tokenize(tokenizer, [sample.caption], max_length=max_text_len)
     ids = text.input_ids[0]
     T = int(ids.shape[0])
@@ -153,8 +144,7 @@ def tokenize_sample(sample: Sample, tokenizer, max_text_len: int = MAX_TEXT_LEN)
 
 
 def _mappable_rows(caption: str, span_lists: list, offsets, T: int, where: str) -> tuple:
-    """((K', T) token map, kept indices) of the span lists that map to at least one token; one that maps to none
-    (truncated away, or only punctuation: it cannot be grounded) is left out."""
+    """((K', T) token map, kept indices) of the span lists that map to at least one token."""
     try:  # one call for all of them (the usual case)
         return spans_to_token_map(caption, span_lists, offsets, T, where=where), list(range(len(span_lists)))
     except GLIPInputError:
@@ -169,8 +159,7 @@ def _mappable_rows(caption: str, span_lists: list, offsets, T: int, where: str) 
 
 
 def _ignore_token_map(sample: Sample, offsets, T: int, where: str) -> tuple:
-    """(ignore boxes, (K, T) token map) of the sample's ignore regions; a region whose spans map to no token
-    (truncated away) is removed and counted in ``sample.extra["unmapped_ignore_regions"]``."""
+    """(ignore boxes, (K, T) token map); an unmappable region is removed and counted."""
     boxes = sample.ignore_boxes if sample.ignore_boxes is not None else torch.zeros(0, 4)
     if len(boxes) != len(sample.ignore_spans):
         raise GLIPInputError(f"{where}: {len(boxes)} ignore boxes but {len(sample.ignore_spans)} ignore span lists")

@@ -1,9 +1,8 @@
 """Reading shards: url lists, tar members grouped into raw samples, and safe decoding.
 
-Safe decoding (the pipeline's ``decode`` stage) accepts only images (PIL) and json. webdataset's default decoders
-would hand ``.pyd``/``.pickle`` members to ``pickle.loads`` — code execution for anyone who can write a shard —
-so members with those extensions (and other pickle-based ones: .pth/.pt/.npy/...) raise ``ShardError`` and are
-never decoded. Other unknown members are ignored.
+Tars are read here, not by ``webdataset.DataPipeline``, so that no member reaches a default decoder (webdataset
+hands ``.pyd``/``.pickle`` to ``pickle.loads``: code execution for anyone who can write a shard) and every random
+choice is ours to seed for an exact resume. Pickle-based members raise ``ShardError``.
 """
 
 from __future__ import annotations
@@ -22,13 +21,8 @@ Urls = Union[str, Iterable[str]]
 
 
 def expand_urls(urls: Urls, split: Optional[str] = None) -> list:
-    """A list of shard urls from: a list, a brace pattern ("a-{000000..000009}.tar"), a .tar path, or a directory.
-
-    A directory with ``index.json`` gives the shards it lists (of ``split``, or of every split), each checked to
-    exist with its listed size (``shard_index.listed_shards``: an interrupted or unfinished conversion is a
-    ShardError naming the folder, never a partial set); a directory without one gives its shards in sorted order
-    (only ``<split>-*.tar`` when ``split`` is given).
-    """
+    """Shard urls from a list, a brace pattern ("a-{000000..000009}.tar"), a .tar path, or a directory (its
+    index.json's checked shards, else its ``[<split>-]*.tar`` in sorted order)."""
     if isinstance(urls, (str, os.PathLike)):
         urls = str(urls)
         if os.path.isdir(urls):
@@ -57,7 +51,7 @@ def _is_remote(url: str) -> bool:
 
 def _open(url: str):
     if _is_remote(url):
-        from webdataset.gopen import gopen  # streams through curl/gsutil/aws the way webdataset users expect
+        from webdataset.gopen import gopen
 
         return gopen(url, "rb")
     if url.startswith("file:"):
@@ -66,7 +60,7 @@ def _open(url: str):
 
 
 def split_key(name: str) -> tuple:
-    """WebDataset convention: key = path up to the first "." of the basename, extension = the rest (lowercase)."""
+    """(key, lowercase extension) by the WebDataset convention: the basename splits at its first "."."""
     d, base = os.path.split(name)
     if "." not in base:
         return name, ""
@@ -75,7 +69,7 @@ def split_key(name: str) -> tuple:
 
 
 def iter_raw(url: str) -> Iterator[dict]:
-    """Raw samples of one shard: {"__key__", "__url__", ext: bytes, ...}, members of one key grouped."""
+    """Raw samples of one shard: {"__key__", "__url__", ext: bytes, ...}."""
     cur: Optional[dict] = None
     try:
         with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -99,8 +93,6 @@ def iter_raw(url: str) -> Iterator[dict]:
 
 
 def decode_image(data: bytes, url: str = "", key: str = "", ext: str = "jpg"):
-    """Encoded bytes → upright 8-bit RGB PIL image (``image_io.open_rgb``: EXIF orientation applied, 16-bit scaled;
-    the converters record the upright size, so boxes refer to these pixels)."""
     from .image_io import open_rgb
 
     try:
@@ -110,7 +102,7 @@ def decode_image(data: bytes, url: str = "", key: str = "", ext: str = "jpg"):
 
 
 def decode_sample(raw: dict, decode_images: bool = True) -> Sample:
-    """The safe ``decode`` stage: json record + image only; pickle-type members are refused."""
+    """The safe ``decode`` stage."""
     url, key = raw.get("__url__", ""), raw.get("__key__", "")
     for ext in raw:
         if ext.startswith("__"):
@@ -131,8 +123,7 @@ def decode_sample(raw: dict, decode_images: bool = True) -> Sample:
     for f in ("id", "kind", "width", "height"):
         if f not in rec:
             raise ShardError(url, key, f"json.{f}", "required field is missing")
-    # the record is untrusted: the same checks as at conversion (boxes inside the image, spans inside the caption,
-    # types), so a bad stored record is a ShardError here and never an IndexError deep in the transforms
+    # Untrusted: the conversion's checks again, so a bad record is a ShardError here, not an IndexError in a transform.
     rec.setdefault("source", "")
     rec.setdefault("boxes", [])
     try:
@@ -154,11 +145,7 @@ def decode_sample(raw: dict, decode_images: bool = True) -> Sample:
 
 
 def iter_samples(urls: Urls, split: Optional[str] = None, decode_images: bool = True) -> Iterator[Sample]:
-    """Decoded samples of the given shards, in stored order: for people and tests (no shuffling, no transforms).
-
-    Each ``Sample`` has ``image`` (PIL RGB), ``boxes`` (M, 4) float pixels of the stored image, ``kind``, and the
-    per-kind fields (``category_ids``; ``caption`` + ``spans``; ``scores``/``provenance``; ``hidden``).
-    """
+    """Decoded samples of the given shards in stored order, for people and tests (no shuffling, no transforms)."""
     for url in expand_urls(urls, split):
         for raw in iter_raw(url):
             yield decode_sample(raw, decode_images)

@@ -72,12 +72,8 @@ def _finite(x) -> bool:
 
 
 def validate_record(rec: dict, where: Where, clip_tolerance: float = 1.0) -> int:
-    """Check a sample record in place against its image size; returns the number of boxes clipped.
-
-    Boxes at most ``clip_tolerance`` pixels outside the image are clipped (counted by the caller); further out is
-    ``box_outside_image``; zero or negative width/height is ``degenerate_box``. Spans must be non-empty
-    [start, end) ranges inside the caption (``span_outside_caption``).
-    """
+    """Check a sample record in place against its image size; returns the number of boxes clipped (those at most
+    ``clip_tolerance`` pixels outside the image)."""
     for key in ("id", "source", "kind", "width", "height", "boxes"):
         if key not in rec:
             raise where.error("missing_field", key, "required field is missing")
@@ -125,8 +121,7 @@ def validate_record(rec: dict, where: Where, clip_tolerance: float = 1.0) -> int
 
 
 def _check_boxes(boxes: list, w: int, h: int, tolerance: float, where: Where, name) -> int:
-    """Check and clip ``boxes`` in place (see ``validate_record``); ``name(i)`` is box i's field. Returns the clipped
-    count."""
+    """``name(i)``: box i's field for the error."""
     clipped = 0
     for i, b in enumerate(boxes):
         if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(_finite(v) for v in b)):
@@ -159,12 +154,8 @@ def _check_spans(spans, caption: str, where: Where, field: str) -> None:
 
 
 def probe_image(data: bytes, where: Where, path: str, verify: str = "full") -> tuple:
-    """(width, height, format) of encoded image bytes; ``undecodable_image`` when PIL cannot read them.
-
-    The size is the upright one (EXIF orientation applied, as every decoder in ``image_io`` does), so the stored
-    width/height and boxes match the decoded pixels. ``verify="full"`` decodes every pixel (catches truncated
-    files); ``"header"`` only reads the header.
-    """
+    """(width, height, format) of encoded image bytes, upright as ``image_io`` decodes them; ``verify="full"``
+    decodes every pixel to catch truncated files, ``"header"`` only reads the header."""
     from PIL import Image
 
     from .image_io import oriented_size
@@ -181,11 +172,7 @@ def probe_image(data: bytes, where: Where, path: str, verify: str = "full") -> t
 
 @dataclass
 class Sample:
-    """A decoded stored sample (what ``iter_samples`` yields and the pipeline stages pass along).
-
-    ``boxes`` are (M, 4) float pixels of ``image``; ``spans`` hold one list of (start, end) per box (grounding).
-    Prompt fields (``phrase_*``, ``box_phrases``) are filled by the prompt stage.
-    """
+    """A decoded stored sample, as the pipeline stages pass it along; ``boxes`` (M, 4) in pixels of ``image``."""
 
     id: str
     source: str
@@ -215,9 +202,7 @@ class Sample:
     input_ids: Optional[Tensor] = None  # (T,) long
     phrase_map: Optional[Tensor] = None  # (P, T) float 0/1
     ignore_map: Optional[Tensor] = None  # (K, T) float 0/1, one row per ignore box
-    # set by the pipeline from the source (``SourceSpec.box_loss_weight``); None = 1
-    box_weight: Optional[float] = None  # weight of every box of this sample in loss_reg / loss_centerness
-    # bookkeeping
+    box_weight: Optional[float] = None  # the source's box_loss_weight; None = 1
     image_size: Optional[tuple] = None  # (h, w) of the image content after the transforms
     position: Optional[tuple] = None  # (logical worker, index in the worker's raw stream)
 
@@ -225,26 +210,21 @@ class Sample:
         return int(self.boxes.shape[0])
 
 
+def _span_lists(value: Optional[list]) -> Optional[list]:
+    return None if value is None else [[(int(s), int(e)) for s, e in spans] for spans in value]
+
+
 def sample_from_record(rec: dict, image, key: str = "", url: str = "") -> Sample:
-    """Build a ``Sample`` from a stored json record and its decoded image."""
     boxes = torch.tensor(rec.get("boxes") or [], dtype=torch.float32).reshape(-1, 4)
-    spans = rec.get("spans")
-    if spans is not None:
-        spans = [[(int(s), int(e)) for s, e in box] for box in spans]
-    spans_eval = rec.get("spans_eval")
-    if spans_eval is not None:
-        spans_eval = [[(int(s), int(e)) for s, e in ph] for ph in spans_eval]
+    spans, spans_eval = _span_lists(rec.get("spans")), _span_lists(rec.get("spans_eval"))
     ignore_boxes = rec.get("ignore_boxes")
     if ignore_boxes is not None:
         ignore_boxes = torch.tensor(ignore_boxes, dtype=torch.float32).reshape(-1, 4)
-    ignore_spans = rec.get("ignore_spans")
-    if ignore_spans is not None:
-        ignore_spans = [[(int(s), int(e)) for s, e in box] for box in ignore_spans]
     return Sample(
         id=str(rec["id"]), source=rec.get("source", ""), kind=rec["kind"], image=image,
         width=int(rec["width"]), height=int(rec["height"]), boxes=boxes,
         category_ids=rec.get("category_ids"), caption=rec.get("caption"), spans=spans, spans_eval=spans_eval,
-        scores=rec.get("scores"), ignore_boxes=ignore_boxes, ignore_spans=ignore_spans,
+        scores=rec.get("scores"), ignore_boxes=ignore_boxes, ignore_spans=_span_lists(rec.get("ignore_spans")),
         provenance=rec.get("provenance"), hidden=rec.get("hidden"),
         extra=rec.get("extra") or {}, key=key, url=url,
     )

@@ -1,10 +1,8 @@
 """``<folder>/index.json``: the record of which complete shards a folder holds, and its check against the files.
 
 The index is the publication point of a conversion: the writer stages a split's shards in ``.<split>.staging/``,
-drops the split from the index, moves the shards into place and writes the new entry last (``os.replace``), so an
-entry never describes anything but the complete shards of one conversion. Readers (``listed_shards``) trust a
-folder only through that check: every listed shard must exist with its listed size, and a split that is not listed
-while a conversion of it is unfinished is an error naming the folder, never a partial set read as whole.
+drops the split from the index, moves the shards into place and writes the new entry last, so an entry describes
+only the complete shards of one conversion, and an unfinished split is an error, never a partial set read as whole.
 """
 
 from __future__ import annotations
@@ -19,12 +17,10 @@ INDEX = "index.json"
 
 
 def staging_dir(out_dir: str, split: str) -> str:
-    """Where a conversion of ``split`` writes its shards until it publishes them."""
     return os.path.join(out_dir, f".{split}.staging")
 
 
 def read_index(out_dir: str) -> dict:
-    """The folder's index ({} when there is none); an unreadable one is a ShardError naming it."""
     path = os.path.join(out_dir, INDEX)
     if not os.path.exists(path):
         return {}
@@ -39,7 +35,6 @@ def read_index(out_dir: str) -> dict:
 
 
 def write_index(out_dir: str, index: dict) -> None:
-    """Replace the index atomically (a reader sees the old or the new file, never half of one)."""
     path = os.path.join(out_dir, INDEX)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -51,10 +46,8 @@ def write_index(out_dir: str, index: dict) -> None:
 
 
 def unfinished(out_dir: str, split: Optional[str] = None) -> list:
-    """Splits of ``out_dir`` whose conversion started and has not published (all splits when ``split`` is None).
-
-    For a named split, ``.<split>.plan`` (the marker of writers before staging folders) means the same; it is not
-    scanned for otherwise, as other tools keep ``.<name>.plan`` files (the label job's ``.label.plan``)."""
+    """Splits whose conversion started and has not published. ``.<split>.plan`` (older writers' marker) counts only
+    for a named split: other tools keep ``.<name>.plan`` files too (the label job's ``.label.plan``)."""
     try:
         names = os.listdir(out_dir)
     except OSError:
@@ -66,7 +59,6 @@ def unfinished(out_dir: str, split: Optional[str] = None) -> list:
 
 
 def check_listed(out_dir: str, entry: dict, split: str) -> list:
-    """Paths of the split's listed shards, after checking each exists with its listed byte size."""
     paths = []
     shards = entry.get("shards") if isinstance(entry, dict) else None
     if not isinstance(shards, list):
@@ -90,10 +82,7 @@ def check_listed(out_dir: str, entry: dict, split: str) -> list:
 
 
 def listed_shards(out_dir: str, split: Optional[str] = None) -> Optional[list]:
-    """The checked shard paths of ``split`` (every split when None) of a folder with an index; None without one.
-
-    A split the index does not list is an error (a conversion that never finished, or a wrong split name), and so
-    is an index-less folder with an unfinished conversion."""
+    """The checked shard paths of ``split`` (every split when None); None for a folder without an index."""
     index = read_index(out_dir)
     pending = unfinished(out_dir, split)
     if not index:

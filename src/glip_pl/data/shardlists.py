@@ -1,9 +1,7 @@
-"""Pipeline stages over shard urls: shard list (seeded by seed and epoch), node split, worker split, resampling,
-reading, the sample shuffle buffer, and the startup check.
+"""Pipeline stages over shard urls, up to the sample shuffle buffer.
 
 Every random choice comes from a ``random.Random`` seeded by a string of the numbers that define it, so a stage
-gives the same order in any process and in any run (string seeds hash with sha512: independent of
-PYTHONHASHSEED).
+gives the same order in any process and any run (string seeds hash with sha512, not PYTHONHASHSEED).
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ def seeded(*parts) -> random.Random:
 
 
 def shard_list(urls: Sequence[str], seed: int, epoch: int, shuffle: bool = True) -> list:
-    """Stage ``shard_list``: all shards of a source in an order seeded by (seed, epoch); same on every rank."""
+    """Stage ``shard_list``: the same order on every rank."""
     urls = list(urls)
     if shuffle:
         seeded("shards", seed, epoch).shuffle(urls)
@@ -28,20 +26,15 @@ def shard_list(urls: Sequence[str], seed: int, epoch: int, shuffle: bool = True)
 
 
 def split_by_node(urls: Sequence[str], rank: int, world_size: int) -> list:
-    """Stage ``split_by_node``: rank r takes shards r, r + world_size, ... (disjoint across ranks)."""
     return list(urls[rank::world_size])
 
 
 def split_by_worker(urls: Sequence[str], worker: int, num_workers: int) -> list:
-    """Stage ``split_by_worker``: data-loader worker w of a rank takes every num_workers-th of the rank's shards."""
     return list(urls[worker::num_workers])
 
 
 def check_enough_shards(name: str, num_shards: int, world_size: int, num_workers: int) -> None:
-    """Startup check: every reader (rank × worker) needs at least one shard of every source.
-
-    Otherwise webdataset-style pipelines fail late with "No samples found" in some worker; fail early instead.
-    """
+    """Every reader (rank × worker) needs a shard of every source; fail now, not late in some worker."""
     readers = world_size * max(num_workers, 1)
     if num_shards < readers:
         raise ValueError(
@@ -51,18 +44,13 @@ def check_enough_shards(name: str, num_shards: int, world_size: int, num_workers
 
 
 def resampled(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
-    """Infinite stream of shards drawn with replacement (the ``resampled`` mode for max_steps training)."""
     urls = list(urls)
     while True:
         yield urls[rng.randrange(len(urls))]
 
 
 def read_shards(urls: Iterable[str], on_error=None) -> Iterator[dict]:
-    """Stage ``read``: raw samples ({"__key__", "__url__", ext: bytes}) of each shard in turn.
-
-    ``on_error``: None raises a shard that cannot be read (truncated tar, missing file); a callable receives the
-    ``ShardError`` and reading goes on with the next shard (the samples read before the damage are kept).
-    """
+    """Stage ``read``; with ``on_error(ShardError)`` a damaged shard keeps what was read before the damage."""
     for url in urls:
         try:
             yield from iter_raw(url)
@@ -73,11 +61,7 @@ def read_shards(urls: Iterable[str], on_error=None) -> Iterator[dict]:
 
 
 def shuffle(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
-    """Stage ``shuffle``: a sample shuffle buffer (bufsize <= 1 passes items through unchanged).
-
-    Fills ``bufsize`` items, then for each new item yields a random buffered one in its place; finally the rest in
-    random order.
-    """
+    """Stage ``shuffle``: a sample shuffle buffer of ``bufsize`` items."""
     if bufsize <= 1:
         yield from items
         return

@@ -1,15 +1,9 @@
 """Synthetic grounded scenes: coloured shapes on a noisy background, with boxes, captions and character spans.
 
-The embedded default data of the demo and the tests. Scene ``(seed, split, index)`` is a pure function of those
-three numbers, so samples are generated independently (in parallel, in any order) and identically every time.
-The same scene gives the three flavours:
-  detection  boxes + category ids ("red circle", ...; 4 colours × 3 shapes = 12 classes, ids 1..12),
-  grounding  boxes + a caption such as "a red circle left of a blue square and a green triangle" with the
-             character span of each box's phrase,
-  caption    the caption only; the true boxes/spans/categories sit in ``hidden`` (never used for training) so a
-             pseudo-labelling test can score a teacher against them.
-Relations ("left of", "right of", "above", "below") are true of the drawn scene, so a horizontal flip that swaps
-left/right in the caption keeps them true.
+The data of the demo and the tests. Scene ``(seed, split, index)`` is a pure function of those numbers, so samples
+are generated in parallel, in any order, identically every time. Caption samples keep the true boxes in ``hidden``
+(never trained on) so a pseudo-labelling test can score a teacher. Relations are true of the drawn scene, so a
+flip that swaps left/right in the caption keeps them true.
 """
 
 from __future__ import annotations
@@ -44,8 +38,7 @@ class SyntheticConfig:
     colour_jitter: int = 12
     background: tuple = (170, 246)  # each background channel drawn from [lo, hi); (20, 90) = dark scenes
     format: str = "jpg"  # "jpg" (quality 92) or "png"
-    # Category ids scenes may draw from (default: all 12). A subset makes data that lacks some concepts, as a
-    # gold detection set lacks classes that web captions mention; index.json then lists only these categories.
+    # A subset makes data that lacks some concepts, as a gold detection set lacks classes web captions mention.
     category_ids: Optional[tuple] = None
 
     def __post_init__(self):
@@ -74,7 +67,6 @@ class SyntheticConfig:
 
     @property
     def categories(self) -> list:
-        """The categories of this data (all, or the ``category_ids`` subset in id order)."""
         return CATEGORIES if self.category_ids is None else [c for c in CATEGORIES if c["id"] in self.category_ids]
 
 
@@ -83,7 +75,6 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def make_scene(seed: int, split: str, index: int, cfg: SyntheticConfig = SyntheticConfig()) -> dict:
-    """Objects (category id, integer box x1, y1, x2, y2) and the caption with one span per object."""
     rng = _rng(seed, split, index)
     S = cfg.image_size
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
@@ -106,7 +97,6 @@ def make_scene(seed: int, split: str, index: int, cfg: SyntheticConfig = Synthet
 
 
 def _relation(a: tuple, b: tuple) -> str:
-    """Spatial relation of box a to box b along the dominant axis of their centres."""
     dx = (a[0] + a[2]) - (b[0] + b[2])
     dy = (a[1] + a[3]) - (b[1] + b[3])
     if abs(dx) >= abs(dy):
@@ -115,7 +105,7 @@ def _relation(a: tuple, b: tuple) -> str:
 
 
 def _caption(objects: list, rng: np.random.Generator) -> tuple:
-    """"a red circle left of a blue square and a green triangle": pairs get a relation, a last odd one is listed."""
+    """"a red circle left of a blue square and a green triangle"."""
     name = {c["id"]: c["name"] for c in CATEGORIES}
     order = list(rng.permutation(len(objects)))
     clauses = []  # list of list[(text, object index or None)]
@@ -145,7 +135,7 @@ def _caption(objects: list, rng: np.random.Generator) -> tuple:
 
 
 def render(scene: dict, cfg: SyntheticConfig = SyntheticConfig()):
-    """Draw the scene (PIL RGB image); draws continue the scene's random stream."""
+    """Draws continue the scene's random stream."""
     from PIL import Image, ImageDraw
 
     rng, S = scene["rng"], cfg.image_size
@@ -179,7 +169,6 @@ def encode(img, fmt: str) -> tuple:
 
 
 def synthetic_sample(flavour: str, seed: int, split: str, index: int, cfg: SyntheticConfig = SyntheticConfig()):
-    """(json record, image bytes, extension) of one synthetic sample in the stored schema."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     scene = make_scene(seed, split, index, cfg)
@@ -200,7 +189,7 @@ def synthetic_sample(flavour: str, seed: int, split: str, index: int, cfg: Synth
 
 
 def _build(record: dict):
-    """Writer build function (module level so worker processes can run it)."""
+    """Module level so that writer processes can run it."""
     cfg = SyntheticConfig(**record["cfg"])
     rec, data, ext = synthetic_sample(record["flavour"], record["seed"], record["split"], record["index"], cfg)
     return rec, data, ext, Where(file="<synthetic>", record=rec["id"]), "<synthetic>"
@@ -217,11 +206,8 @@ def generate_synthetic(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write ``<out>/<flavour>/<split>-%06d.tar`` + ``index.json`` per flavour; returns {flavour: {split: entry}}.
-
-    ``splits`` maps split name → number of samples (default train 512, val 64). ``samples_per_shard`` defaults to
-    min(64, count // 8) per split, so every split has at least 8 shards (2 ranks × 4 workers pass the startup check).
-    """
+    """Shards + ``index.json`` per flavour under ``out``; ``samples_per_shard`` defaults to at least 8 shards a split
+    (2 ranks × 4 workers pass the startup check)."""
     splits = splits or {"train": 512, "val": 64}
     result = {}
     for flavour in flavours:

@@ -1,15 +1,11 @@
 """Pipeline stage ``transform``: box-aware multi-scale resize, horizontal flip (with left/right swap), to uint8 tensor.
 
-Each transform takes and returns a ``Sample`` so the image, boxes, caption and spans stay consistent (DESIGN.md
-practice 11). Resize follows the official ``Resize`` (reference §5: short side drawn from MULT_MIN_SIZE_TRAIN
-(480..800), long side ≤ 1333, PIL bilinear, aspect kept). Normalisation is the model's job (``GLIP.normalize``):
-images leave the pipeline as uint8 RGB (3, H, W).
+Each transform takes and returns a ``Sample`` so the image, boxes, caption and spans stay consistent. Resize follows
+the official ``Resize`` (reference §5). Images leave as uint8 RGB (3, H, W): normalisation is ``GLIP.normalize``'s.
 
-Flip: the official code flips images and boxes but leaves captions alone, so "the cup left of the plate" grounds
-the wrong object after a flip. Here "left"/"right" (and "leftmost"/"rightmost") are swapped as whole words in
-grounding and caption samples, and every span is moved to its phrase's new characters. (A verb "left" is swapped
-too: a rare, harmless error next to the systematic one it fixes.) Detection prompts are class names and are not
-touched.
+Flip: the official code leaves captions alone, so "the cup left of the plate" grounds the wrong object after a
+flip. Here left/right words are swapped in grounding and caption samples and every span follows (a verb "left" is
+swapped too: a rare, harmless error next to the systematic one it fixes).
 """
 
 from __future__ import annotations
@@ -38,19 +34,18 @@ class TransformConfig:
 
     @classmethod
     def eval(cls, size: int = 800, max_size: int = 1333) -> "TransformConfig":
-        """Test-time: one size (800/1333 as the official test), no flip."""
         return cls(min_sizes=(size,), max_size=max_size, flip_prob=0.0)
 
     @classmethod
     def tiny(cls, train: bool = True) -> "TransformConfig":
-        """The CPU preset: short side around 256 (the synthetic scenes are 256×256)."""
+        """The synthetic scenes are 256×256."""
         if train:
             return cls(min_sizes=(224, 256, 288), max_size=512)
         return cls(min_sizes=(256,), max_size=512, flip_prob=0.0)
 
 
 def target_size(w: int, h: int, short: int, max_size: int) -> tuple:
-    """(new_w, new_h): short side ``short`` unless that makes the long side exceed ``max_size`` (official get_size)."""
+    """(new_w, new_h) as the official ``get_size``."""
     lo, hi = float(min(w, h)), float(max(w, h))
     if max_size and hi / lo * short > max_size:
         short = int(round(max_size * lo / hi))
@@ -62,7 +57,6 @@ def target_size(w: int, h: int, short: int, max_size: int) -> tuple:
 
 
 def resize(sample: Sample, short: int, max_size: int) -> Sample:
-    """Resize the PIL image (bilinear) and scale the boxes (and ignore boxes) by the same factors."""
     from PIL import Image
 
     w, h = sample.image.size
@@ -79,8 +73,8 @@ def resize(sample: Sample, short: int, max_size: int) -> Sample:
 
 
 def to_tensor(sample: Sample) -> Sample:
-    """PIL RGB → uint8 tensor (3, H, W). numpy does the copy: torch's multi-threaded kernels wake an OpenMP pool
-    for each small op, several times slower than one core on a busy machine."""
+    """numpy does the copy: torch's multi-threaded kernels wake an OpenMP pool for each small op, several times slower
+    than one core on a busy machine."""
     if not isinstance(sample.image, torch.Tensor):
         arr = np.asarray(sample.image, dtype=np.uint8)
         sample.image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -89,11 +83,8 @@ def to_tensor(sample: Sample) -> Sample:
 
 
 def swap_left_right(caption: str, span_lists: list) -> tuple:
-    """Swap left/right words; returns the new caption and every span list moved onto the new characters.
-
-    ``span_lists`` is a list of lists of (start, end). A span edge inside a swapped word moves to the same edge of
-    the replacement word.
-    """
+    """(new caption, span lists moved onto it); a span edge inside a swapped word moves to the same edge of the
+    replacement word."""
     pieces, edits, pos, shift = [], [], 0, 0  # edits: (old_start, old_end, new_start, new_end)
     for m in _WORD.finditer(caption):
         word = m.group(0)
@@ -126,8 +117,7 @@ def swap_left_right(caption: str, span_lists: list) -> tuple:
 
 
 def hflip(sample: Sample, swap_words: bool = True) -> Sample:
-    """Flip the image (PIL or uint8 tensor) and the boxes and ignore boxes (continuous: x1' = W - x2); swap
-    left/right in captions (every span list follows)."""
+    """Flip the image, the boxes (continuous: x1' = W - x2) and the caption's left/right words."""
     if isinstance(sample.image, torch.Tensor):
         W = int(sample.image.shape[-1])
         sample.image = torch.from_numpy(np.ascontiguousarray(sample.image.numpy()[:, :, ::-1]))
@@ -162,7 +152,6 @@ def hflip(sample: Sample, swap_words: bool = True) -> Sample:
 
 
 def apply_transforms(sample: Sample, rng: random.Random, cfg: TransformConfig) -> Sample:
-    """Stage ``transform``: random short side → resize → random flip → uint8 tensor."""
     short = cfg.min_sizes[rng.randrange(len(cfg.min_sizes))] if len(cfg.min_sizes) > 1 else cfg.min_sizes[0]
     sample = resize(sample, short, cfg.max_size)
     if cfg.flip_prob > 0 and rng.random() < cfg.flip_prob:

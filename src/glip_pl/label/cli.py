@@ -49,13 +49,14 @@ def register(subparsers) -> None:
     p.add_argument("--config", "-c", action="append", default=[], help="YAML config (repeatable, merged in order)")
     p.add_argument("--teacher", help="teacher checkpoint (or a run's checkpoint folder: its last.ckpt)")
     p.add_argument("--input", help="caption shards (folder, brace pattern)")
-    p.add_argument("--split")
-    p.add_argument("--output")
-    p.add_argument("--devices")
-    p.add_argument("--num-nodes", type=int, dest="num_nodes")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--num-workers", type=int, dest="num_workers")
-    p.add_argument("--score-thresh", type=float, dest="filters.score_thresh")
+    p.add_argument("--split", help="input split when --input is a folder (train)")
+    p.add_argument("--output", help="output folder of the pseudo-labelled grounding shards")
+    p.add_argument("--devices", help="Lightning devices per node (auto)")
+    p.add_argument("--num-nodes", type=int, dest="num_nodes", help="nodes of a multi-node job (1)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="images per teacher batch and device (8)")
+    p.add_argument("--num-workers", type=int, dest="num_workers", help="data-loader workers per device (1)")
+    p.add_argument("--score-thresh", type=float, dest="filters.score_thresh",
+                   help="keep teacher boxes scoring above this (0.5, official CAPTION_CONF)")
     p.add_argument("--top-k", type=int, dest="filters.top_k", help="keep at most K boxes per phrase")
     p.add_argument("--nms-thresh", type=float, dest="filters.nms_thresh", help="per-phrase NMS IoU threshold")
     p.add_argument("--cross-phrase-nms", type=float, dest="filters.cross_phrase_nms", metavar="IOU",
@@ -67,8 +68,10 @@ def register(subparsers) -> None:
     p.add_argument("--ignore-thresh", type=float, dest="filters.ignore_thresh", metavar="SCORE",
                    help="unkept teacher boxes scoring above SCORE become ignore regions for their phrase (no "
                         "negative loss there); off by default, as official")
-    p.add_argument("--spacy-model", dest="phrases.model")
-    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--spacy-model", dest="phrases.model", help="spaCy pipeline (package name or path) for noun phrases")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace an output folder that holds another labelling's shards (other input, teacher or "
+                        "options; default: refuse)")
     p.add_argument("--wandb", action="store_true", default=None, help="log the quality summary to W&B")
     p.set_defaults(func=run)
 

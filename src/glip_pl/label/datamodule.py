@@ -16,8 +16,18 @@ from ..lit.datamodule import GroundingDataModule, Source
 
 
 class TeacherStudentDataModule(GroundingDataModule):
+    """A ``GroundingDataModule`` whose training mix adds pseudo-labelled sources, and whose predict loader feeds
+    the labelling job."""
+
     def __init__(self, train: Optional[list] = None, pseudo: Optional[list] = None, label: Optional[dict] = None,
                  **kwargs):
+        """
+        Args:
+            train: gold sources (as ``GroundingDataModule``'s ``train``).
+            pseudo: the labelling job's output shards, sources of kind ``grounding`` by default, mixed by weight.
+            label: a pseudo-label config (``glip_pl.label.job.LabelConfig`` as a dict) for ``predict``.
+            **kwargs: the other ``GroundingDataModule`` arguments.
+        """
         self.pseudo_sources = [s if isinstance(s, Source) else Source(**s) for s in (pseudo or [])]
         for s in self.pseudo_sources:
             s.kind = s.kind or "grounding"

@@ -135,11 +135,11 @@ def register(sub) -> None:
                                    "positives' mean IoU, share at IoU >= 0.75, size ratio (1 = no size bias) and "
                                    "centre offset (in true-box sides).")
     p.add_argument("--pseudo", required=True, help="the pseudo-label output folder (or shard list)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split of the pseudo-label output to score (train)")
     p.add_argument("--truth", help="grounding shards with the true boxes of (some of) the same captions, by id")
     p.add_argument("--input", help="the caption shards that were labelled (hidden truth only): the true boxes of "
                                    "captions the job skipped count as missed")
-    p.add_argument("--iou", type=float, default=0.5)
+    p.add_argument("--iou", type=float, default=0.5, help="IoU at which a pseudo box matches a true one (0.5)")
     p.add_argument("--any-phrase", action="store_true", help="match boxes whatever phrase they name")
     p.add_argument("--labelled-only", action="store_true", help="do not count unlabelled captions' boxes as missed")
     p.add_argument("--json", help="also write the figures to this file")

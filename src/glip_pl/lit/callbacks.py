@@ -1,56 +1,112 @@
-"""Training callbacks: throughput and data-wait timing, EMA, gradient norm, W&B validation images, batch trace."""
+"""Training callbacks: throughput, MFU and data-wait timing, EMA, gradient norm, W&B validation images, batch trace."""
 
 from __future__ import annotations
 
+import sys
 import time
+from collections import deque
 from typing import Optional
 
 import lightning as L
 import torch
 from torch import Tensor
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
-class ThroughputMonitor(L.Callback):
-    """Logs step time split into data wait (loader) and compute, images/s and peak GPU memory."""
+class ThroughputMonitor(LightningThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` reduced to ``perf/images_per_s`` (all ranks), ``perf/mfu`` and the data-wait
+    split, all over the same window of the last ``log_every_n_steps`` steps (README, "Weights & Biases"). The FLOPs
+    are counted once, on the first batch's shapes (``glip_pl.lit.flops``): with multi-scale images and prompts of
+    varying length the MFU of other steps is approximate. The first step (the count) is never in a window.
+
+    Args:
+        log_every_n_steps: the window: log over the last this many optimiser steps, every this many steps.
+    """
 
     def __init__(self, log_every_n_steps: int = 10):
-        self.every = log_every_n_steps
-        self._end: Optional[float] = None
-        self._start: Optional[float] = None
-        self.data_wait = 0.0
-        self.compute = 0.0
-        self.images = 0
+        super().__init__(batch_size_fn=len, window_size=max(int(log_every_n_steps), 1) + 1)
+        self.every = max(int(log_every_n_steps), 1)
+        self.flops_per_batch: Optional[int] = None
+        self._counted = False
+        self._step_t1: Optional[float] = None
+        self._step_t0: Optional[float] = None
+        self._pending_wait = 0.0
+        self._split: deque = deque(maxlen=self.every)  # (data wait s, compute s) of the last steps
 
+    def _count_flops(self, trainer, pl_module, batch) -> None:
+        from glip_pl.lit.flops import FlopsNotCounted, train_step_flops
+
+        self._counted = True
+        try:
+            self.flops_per_batch = train_step_flops(pl_module.model, batch.images, batch.image_sizes, batch.text,
+                                                    batch.targets)
+            what = f"{self.flops_per_batch / 1e9:.3g} GFLOP per batch of {len(batch)} (forward + backward)"
+        except FlopsNotCounted as e:
+            what = f"FLOPs not counted ({e})"
+        pl_module.flops_per_batch = self.flops_per_batch  # where Lightning's monitor reads them
+        if self.flops_per_batch is None or not self.available_flops:
+            device = trainer.strategy.root_device
+            why = "no FLOP count" if self.flops_per_batch is None else f"the peak FLOP/s of {device} is unknown"
+            print(f"[glip_pl] ThroughputMonitor: {what}; {why}: perf/mfu is not logged", file=sys.stderr, flush=True)
+        else:
+            print(f"[glip_pl] ThroughputMonitor: {what}; peak {self.available_flops / 1e12:.4g} TFLOP/s per device",
+                  file=sys.stderr, flush=True)
+
+    @rank_zero_only
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not self._counted:
+            self._count_flops(trainer, pl_module, batch)
         now = time.perf_counter()
-        if self._end is not None:
-            self.data_wait += now - self._end
-        self._start = now
+        if self._step_t1 is not None:
+            self._pending_wait = now - self._step_t1
+        self._step_t0 = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.perf_counter()
-        if self._start is not None:
-            self.compute += now - self._start
-        self._end = now
-        self.images += len(batch)
-        if trainer.global_step % self.every == 0 and self.compute > 0:
-            total = self.data_wait + self.compute
-            metrics = {
-                "perf/data_wait_s": self.data_wait,
-                "perf/compute_s": self.compute,
-                "perf/data_wait_fraction": self.data_wait / total,
-                "perf/images_per_s": self.images / total,
-            }
-            if torch.cuda.is_available():
-                metrics["perf/gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            pl_module.log_dict(metrics, rank_zero_only=True)
-            self.data_wait = self.compute = 0.0
-            self.images = 0
+        if trainer.is_global_zero:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()  # one clock reading ends this step and starts the next wait: steps tile time
+            if self._step_t0 is not None and self._step_t1 is not None:
+                self._split.append((self._pending_wait, now - self._step_t0))
+            self._step_t1 = now
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, *args):
+        super().on_validation_end(trainer, *args)
+        if self._step_t1 is not None and not trainer.sanity_checking:
+            self._step_t1 = time.perf_counter()  # validation is not data wait (nor step time for Lightning's monitor)
+
+    def _compute(self, trainer, iter_num: Optional[int] = None) -> None:
+        if not trainer._logger_connector.should_update_logs or trainer.state.stage != RunningStage.TRAINING:
+            return
+        raw = self._throughputs[RunningStage.TRAINING].compute()
+        rate = raw.get("samples_per_sec", raw.get("device/samples_per_sec"))
+        if rate is None:
+            return  # the window is not full yet: every logged row covers the same steps
+        metrics = {"perf/images_per_s": rate}
+        if "device/mfu" in raw:
+            metrics["perf/mfu"] = raw["device/mfu"]
+        if self._split:
+            wait, compute = (sum(x) for x in zip(*self._split))
+            metrics.update({"perf/data_wait_s": wait, "perf/compute_s": compute,
+                            "perf/data_wait_fraction": wait / max(wait + compute, 1e-12)})
+        if torch.cuda.is_available():
+            metrics["perf/gpu_max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        # through the module: one logger row per step with the step's other metrics
+        trainer.lightning_module.log_dict(metrics, rank_zero_only=True, batch_size=1)
 
 
 class EMA(EMAWeightAveraging):
-    """Official MODEL_EMA 0.999 over parameters and buffers, updated every step (Lightning's EMA callback)."""
+    """Official MODEL_EMA 0.999 over parameters and buffers, updated every step (Lightning's EMA callback).
+
+    Args:
+        decay: EMA decay per update.
+        **kwargs: Lightning's ``EMAWeightAveraging`` arguments.
+    """
 
     def __init__(self, decay: float = 0.999, **kwargs):
         super().__init__(decay=decay, **kwargs)
@@ -73,7 +129,9 @@ class GradNormMonitor(L.Callback):
       ``on_train_batch_end``; inf when the engine skipped the step for overflow, nothing logged when the engine
       does not compute it. Per-group norms are not available there.
 
-    ``per_group``: also one norm per optimizer parameter group (``grad/norm_<group name>``).
+    Args:
+        every_n_steps: log every this many optimiser steps.
+        per_group: also one norm per optimizer parameter group (``grad/norm_<group name>``).
     """
 
     def __init__(self, every_n_steps: int = 1, per_group: bool = True):
@@ -192,6 +250,14 @@ class ValidationImageLogger(L.Callback):
 
     Rank 0 only (other ranks' images are not gathered); a no-op without a ``WandbLogger``. ``validation_step`` must
     return the batch's list of ``Detections`` (``GLIPLitModule`` does).
+
+    Args:
+        every_n_val_steps: log from every this many validation batches.
+        max_images: images logged from one batch.
+        max_per_epoch: images logged per validation run.
+        score_thresh: predicted boxes below this score are not drawn.
+        max_boxes: boxes drawn per image and kind (true, predicted).
+        key: W&B key of the images.
     """
 
     def __init__(self, every_n_val_steps: int = 10, max_images: int = 2, max_per_epoch: int = 8,
@@ -252,11 +318,13 @@ class BatchTrace(L.Callback):
     """Appends one JSON line per training batch to ``<out_dir>/batches-rank<R>.jsonl``: global rank, world size,
     node rank, global step, sample ids, sources, and the rank's loss; a record of which samples each rank read.
 
-    ``dump_first_batch``: also ``torch.save`` the first batch each rank trains on, its loss and (after the backward
-    pass and the DDP all-reduce) the total gradient norm and the weights before the first update to
-    ``<out_dir>/first-rank<R>.pt`` — what a single-process run on the same global batch is compared with.
-    ``disable_dropout``: set every ``nn.Dropout`` to p=0 at the start of fit (the text encoder's dropout draws
-    different masks for a batch of 2b than for two batches of b, so an exact comparison needs it off).
+    Args:
+        out_dir: folder of the trace files.
+        dump_first_batch: also ``torch.save`` the first batch each rank trains on, its loss and (after the backward
+            pass and the DDP all-reduce) the total gradient norm and the weights before the first update to
+            ``<out_dir>/first-rank<R>.pt``: what a single-process run on the same global batch is compared with.
+        disable_dropout: set every dropout to p=0 at the start of fit (the text encoder's dropout draws different
+            masks for a batch of 2b than for two batches of b, so an exact comparison needs it off).
     """
 
     def __init__(self, out_dir: str, dump_first_batch: bool = False, disable_dropout: bool = False):

@@ -143,8 +143,12 @@ def _replace(tmp: str, final: str) -> None:
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose files appear complete or not at all; ``keep_last`` newest step checkpoints kept.
 
-    ``keep_last`` (None: keep what ``save_top_k`` keeps) prunes the oldest ``*.ckpt`` of ``dirpath`` other than
-    ``last.ckpt`` after each save — Lightning refuses ``save_top_k > 1`` without a monitored metric.
+    Args:
+        keep_last: after each save, prune the oldest ``*.ckpt`` of ``dirpath`` other than ``last.ckpt`` down to
+            this many (None: keep what ``save_top_k`` keeps; Lightning refuses ``save_top_k > 1`` without a
+            monitored metric).
+        *args: Lightning's ``ModelCheckpoint`` arguments.
+        **kwargs: Lightning's ``ModelCheckpoint`` arguments.
     """
 
     def __init__(self, *args, keep_last: Optional[int] = None, **kwargs):
@@ -206,6 +210,10 @@ class PreemptionCheckpoint(Callback):
 
     All ranks decide together (a max-reduce of the flag each step), so a signal that reaches one node first
     still gives one consistent checkpoint. DataLoader workers forked from the trainer keep the default action.
+
+    Args:
+        signals: the signals that save and stop (names or numbers).
+        requeue: under Slurm, requeue the job after saving (``scontrol requeue``).
     """
 
     def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), requeue: bool = True):

@@ -1,7 +1,12 @@
 """``glip-pl fit | validate | test`` through LightningCLI; several ``--config`` files stack (cluster + recipe).
 
-- The resolved config is written beside the checkpoints (``<run>/config.yaml``), stored inside every checkpoint
+- One run directory, ``trainer.default_root_dir``: the checkpoint folder, the logger's ``save_dir`` (W&B files,
+  ``wandb_run_id``, ``config.yaml``) and the W&B run name derive from it unless set explicitly
+  (``glip_pl.lit.run_dir``). A recipe may name a base (``__base__``, ``glip_pl.lit.recipes``).
+- The resolved config is written in the run directory (``<run>/config.yaml``), stored inside every checkpoint
   and sent to W&B as the run's config.
+- ``fit`` with a logger always has a ``LearningRateMonitor`` (one lr series per parameter group,
+  ``lr-AdamW/<group>``, every step; added when the recipe lists none).
 - Preemption: ``fit`` always has a ``PreemptionCheckpoint`` (added when the recipe lists none;
   ``--preemption_checkpoint false`` leaves it out): SIGTERM/SIGUSR1 save ``last.ckpt`` at the step boundary, stop, and
   requeue the Slurm job.
@@ -35,6 +40,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
+import lightning.pytorch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -42,20 +48,24 @@ from glip_pl.lit.allowlist import (  # noqa: F401  (re-exported: the allow-list'
     ALLOWED_CLASS_PREFIXES, RecipeRefused, check_class_paths, class_path_allowed, denied_import_error, import_policy,
     refuse_callables,
 )
+from glip_pl.lit.console import quiet_library_notices, resuming, use_console_callbacks
 from glip_pl.lit.datamodule import GroundingDataModule
 from glip_pl.lit.logging import launch_rank
 from glip_pl.lit.module import GLIPLitModule
+from glip_pl.lit.recipes import RecipeArgumentParser, RecipeConfigFile
+from glip_pl.lit.run_dir import derive_run_paths
 
 
 class _SaveConfig(SaveConfigCallback):
-    """Save config.yaml in the run directory and push it to the logger (W&B) as hyper-parameters."""
+    """Save config.yaml in the run directory and push it to every logger (W&B, CSV) as hyper-parameters."""
 
     def save_config(self, trainer, pl_module, stage) -> None:
         cfg = self.parser.dump(self.config, skip_none=False)
-        if trainer.logger is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
             import yaml
 
-            trainer.logger.log_hyperparams({"config": yaml.safe_load(cfg)})
+            for logger in trainer.loggers:
+                logger.log_hyperparams({"config": yaml.safe_load(cfg)})
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         checkpoint["glip_pl_config"] = self.parser.dump(self.config, skip_none=False)
@@ -67,13 +77,23 @@ class GLIPCLI(LightningCLI):
     with its ``init_args``: any ``GroundingDataModule`` subclass from the allow-list."""
 
     def __init__(self, model_class=GLIPLitModule, datamodule_class=GroundingDataModule, *args,
-                 subclass_mode_data: bool = True, **kwargs):
+                 subclass_mode_data: bool = True, parser_class=RecipeArgumentParser, **kwargs):
         self._run_lock = None
+        quiet_library_notices()
         try:
-            super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data, **kwargs)
+            super().__init__(model_class, datamodule_class, *args, subclass_mode_data=subclass_mode_data,
+                             parser_class=parser_class, **kwargs)
         finally:  # LightningCLI runs the subcommand inside __init__
             if self._run_lock is not None:
                 self._run_lock.release()
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning.pytorch.__version__}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=RecipeConfigFile,
+                            help="a recipe (YAML); repeat to stack (cluster, then recipe); a recipe's __base__ "
+                                 "files are applied before it (glip_pl.lit.recipes)")
+        return parser
 
     def parse_arguments(self, parser, args) -> None:
         argv = sys.argv[1:] if args is None else args
@@ -86,7 +106,9 @@ class GLIPCLI(LightningCLI):
             p.exit_on_error = False
         try:
             with import_policy():
-                super().parse_arguments(parser, args)
+                # not super(): glip-pl passes its own argv as ``args`` (``predict-batch`` renamed ``predict``), which
+                # Lightning warns about whenever sys.argv is not empty
+                self.config = parser.parse_args(argv)
         except ArgumentError as e:
             refused = denied_import_error(str(e), argv)
             if refused is not None:
@@ -120,8 +142,7 @@ class GLIPCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub] if sub else self.config
-        root = cfg.trainer.default_root_dir or "runs/default"
-        cfg.trainer.default_root_dir = root
+        root = derive_run_paths(cfg)
         if sub == "fit" and launch_rank() == 0:
             # before anything is built: the logger takes the run's W&B id, auto-resume may move files
             from glip_pl.run_lock import RunLock, RunLockHeld
@@ -145,7 +166,29 @@ class GLIPCLI(LightningCLI):
 
             if not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
                 trainer.callbacks.append(PreemptionCheckpoint())
+        if self.subcommand == "fit" and trainer.loggers:
+            from lightning.pytorch.callbacks import LearningRateMonitor
+
+            # the run's only lr series (lr-AdamW/<param group>), logged every step
+            if not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+                trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if self.subcommand == "predict":
+            from glip_pl.lit.prediction_writer import DetectionWriter
+
+            if not any(isinstance(c, DetectionWriter) for c in trainer.callbacks):
+                trainer.callbacks.append(DetectionWriter(str(Path(trainer.default_root_dir) / "predictions")))
+        use_console_callbacks(trainer)
         return trainer
+
+    def fit(self, **kwargs) -> None:
+        if kwargs.get("ckpt_path"):
+            resuming()
+        self.trainer.fit(**kwargs)
+
+    def predict(self, **kwargs) -> None:
+        if kwargs.get("return_predictions") is None:  # DetectionWriter has written them: do not hold them all
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a file that does not load is one line

@@ -63,6 +63,8 @@ class Source:
 
 
 class GroundingDataModule(L.LightningDataModule):
+    """Training and validation loaders over a weighted mix of shard sources, resumable mid-epoch."""
+
     def __init__(
         self,
         train: Optional[list[Source]] = None,
@@ -85,6 +87,32 @@ class GroundingDataModule(L.LightningDataModule):
         skip_check_min_samples: int = 200,
         tokenizer: Optional[str] = None,
     ):
+        """
+        Args:
+            train: training sources, each ``{urls, weight, split, name, kind, prompt_mode, categories,
+                box_loss_weight}`` (``Source``); batches mix them by weight.
+            val: validation sources (box AP, val loss); stored order, all-class prompts.
+            batch_size: training images per batch and device.
+            val_batch_size: validation images per batch and device (default: ``batch_size``).
+            num_workers: data-loader worker processes per device (validation uses at most 1).
+            seed: seed of the shard and sample shuffles and the prompt sampling.
+            train_min_sizes: training short sides, one drawn per image (official MULT_MIN_SIZE_TRAIN).
+            train_max_size: training long-side cap (MAX_SIZE_TRAIN).
+            flip_prob: horizontal flip probability in training (left/right words swapped in captions).
+            val_size: validation short side.
+            val_max_size: validation long-side cap.
+            num_negatives: detection prompts: negative classes sampled per image (official RANDOM_SAMPLE_NEG).
+            max_text_len: prompt token limit (classes that do not fit are left out of a detection prompt,
+                captions are truncated).
+            steps_per_epoch: training batches per epoch (default: all sources' samples // (batch x world size)).
+            on_error: a bad training sample: ``skip`` it (counted by reason) or ``raise``.
+            val_on_error: a bad validation sample: ``raise`` (default) or ``skip``.
+            max_skip_fraction: stop the run when more than this fraction of training samples were skipped
+                (null: no limit).
+            skip_check_min_samples: samples seen before ``max_skip_fraction`` is checked.
+            tokenizer: a tokenizer folder, vocab.txt or cached model name (default: the bundled
+                bert-base-uncased vocabulary).
+        """
         super().__init__()
         self.train_sources = [s if isinstance(s, Source) else Source(**s) for s in (train or [])]
         self.val_sources = [s if isinstance(s, Source) else Source(**s) for s in (val or [])]
@@ -174,6 +202,10 @@ class GroundingDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        """``glip-pl predict-batch`` detects on the val sources, with their all-class prompts."""
         return self.val_dataloader()
 
     # -- the pipeline position travels with the checkpoint ---------------------------------------------------------

@@ -73,7 +73,12 @@ def local_grads(params) -> list:
 
 class NonFiniteGuard(L.Callback):
     """Skips and counts training steps with a non-finite loss or non-finite gradients; stops the run after
-    ``max_bad_steps`` in a row (None: ``model.max_bad_steps``, default 5; 0: never stop)."""
+    ``max_bad_steps`` in a row.
+
+    Args:
+        max_bad_steps: bad steps in a row that stop the run (None: ``model.max_bad_steps``, default 5; 0: never).
+        verbose: print a line for each skipped step.
+    """
 
     def __init__(self, max_bad_steps: Optional[int] = None, verbose: bool = True):
         self.max_bad_steps = max_bad_steps

@@ -16,6 +16,7 @@ from typing import Optional
 from lightning.pytorch.loggers import WandbLogger
 
 from glip_pl.distributed import launch_rank_world
+from glip_pl.lit.run_dir import DEFAULT_RUN_DIR
 
 
 def stable_run_id(save_dir: str) -> str:
@@ -53,11 +54,16 @@ def wandb_offline_by_default() -> bool:
 class GLIPWandbLogger(WandbLogger):
     """``WandbLogger`` with a per-run-directory id (resume="allow") and offline mode when no key is set."""
 
-    def __init__(self, save_dir: str = "runs/default", project: str = "glip_pl", name: Optional[str] = None,
+    def __init__(self, save_dir: Optional[str] = None, project: str = "glip_pl", name: Optional[str] = None,
                  offline: Optional[bool] = None, id: Optional[str] = None, **kwargs):
+        # None: glip-pl fit fills in the run directory (glip_pl.lit.run_dir) before building the logger
+        save_dir = save_dir or DEFAULT_RUN_DIR
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         run_id = id or (stable_run_id(save_dir) if launch_rank() == 0 else None)
         super().__init__(
             save_dir=save_dir, project=project, name=name, id=run_id, resume="allow",
             offline=wandb_offline_by_default() if offline is None else offline, **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning always passes anonymous=None, which W&B 0.31 warns "has no effect"; unset, it says nothing
+            del self._wandb_init["anonymous"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Optional
 
 import lightning as L
@@ -34,6 +33,8 @@ from glip_pl.model.types import GLIPInputError
 
 
 class GLIPLitModule(L.LightningModule):
+    """A GLIP model (``glip_pl.model``) with its loss, AdamW optimiser, lr schedule and validation box AP."""
+
     def __init__(
         self,
         preset: str = "tiny",
@@ -58,14 +59,34 @@ class GLIPLitModule(L.LightningModule):
         compile_options: Optional[dict] = None,
         compile_step: bool = False,
     ):
-        """``compile_head``: ``torch.compile`` the fusion head (VL-DyHead, most of the step's time) in place, so
-        parameter names and checkpoints do not change; ``compile_options`` go to ``torch.compile`` (``mode``,
-        ``dynamic``, ``backend``). Shapes vary with the image size and the prompt length: after the first
-        recompile the compiler marks those dimensions dynamic. ``compile_step``: ``torch.compile`` the whole training
-        forward + loss (``forward_loss``) instead, as one graph (no graph break or data-dependent host sync:
-        tests/model/test_graph_breaks.py), with the same ``compile_options`` (default backend inductor); checkpoints
-        do not change either. Validation stays eager. ``val_per_class``: also print each val category's AP
-        (AP50, AP75, instances) and log it as ``val/AP_per_class/<category id>``."""
+        """
+        Args:
+            preset: model preset (``tiny``, ``glip_t_a``, ``glip_t``, ``glip_l``; ``glip_pl.model.presets``).
+            model_options: keyword arguments for ``build_glip`` on top of the preset (e.g. ``use_sdpa``,
+                ``prompt_tuning``, ``checkpoint_fusion``, pretrained parts ``swin__pretrained`` / ``text__pretrained``).
+            lr: AdamW learning rate of everything but the language backbone.
+            lang_lr: learning rate of the language backbone (BERT).
+            weight_decay: AdamW weight decay.
+            official_bias_rule: every tensor named ``*bias*`` gets ``bias_lr_factor`` x lr and no decay (official).
+            bias_lr_factor: lr factor of the biases under ``official_bias_rule``.
+            warmup_steps: linear lr warmup length in optimiser steps.
+            warmup_factor: lr factor at the first warmup step.
+            schedule: lr after warmup: ``step``, ``cosine``, ``constant`` or ``autostep`` (lit/optim.py).
+            milestones: ``step`` schedule: fractions of max_steps where the lr is multiplied by ``gamma``.
+            gamma: lr factor at each milestone or auto-step decay.
+            autostep_patience: ``autostep``: validations without an AP gain before the lr decays.
+            init_weights: checkpoint whose model weights start the run (fine-tuning; loaded strictly).
+            eval_score_thresh: validation detections below this score are dropped before box AP.
+            val_per_class: also print each val category's AP and log it as ``val/AP_per_class/<id>``.
+            log_images_every_n_steps: unused, kept so older recipes parse; W&B images come from the
+                ``glip_pl.lit.callbacks.ValidationImageLogger`` callback.
+            max_bad_steps: non-finite loss or gradient steps in a row that stop the run (0: never stop).
+            compile_head: ``torch.compile`` the fusion head in place (checkpoint names unchanged); validation
+                stays eager.
+            compile_options: keyword arguments for ``torch.compile`` (``mode``, ``dynamic``, ``backend``).
+            compile_step: ``torch.compile`` the whole training forward + loss as one graph instead of the head
+                (tests/model/test_graph_breaks.py); excludes ``compile_head``.
+        """
         super().__init__()
         if schedule not in SCHEDULES:
             raise GLIPInputError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
@@ -86,7 +107,6 @@ class GLIPLitModule(L.LightningModule):
         self._compiled_forward_loss = None  # built on first use by compile_step
         self._val_gt: list = []
         self._val_dt: list = []
-        self._t_last: Optional[float] = None
         self._autostep = optim.AutoStep(autostep_patience)
 
     @property
@@ -121,9 +141,6 @@ class GLIPLitModule(L.LightningModule):
         configure_sharding(self)
 
     # ------------------------------------------------------------------ steps
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def forward(self, batch):
         return self.model(batch.images, batch.image_sizes, batch.text)
 
@@ -152,17 +169,7 @@ class GLIPLitModule(L.LightningModule):
                 return checked
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs, sync_dist=False)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            dt = now - self._t_last
-            self.log("train/images_per_s", bs / dt, batch_size=bs)
-            self.log("train/tokens_per_s", float(batch.text.attention_mask.sum()) / dt, batch_size=bs)
-        self._t_last = now
         return total
-
-    def on_before_optimizer_step(self, optimizer):
-        for i, group in enumerate(optimizer.param_groups):
-            self.log(f"lr/{group.get('name', i)}", group["lr"], rank_zero_only=True)
 
     # ------------------------------------------------------------------ reliability
     def configure_callbacks(self):
@@ -236,6 +243,22 @@ class GLIPLitModule(L.LightningModule):
         self._collect_for_ap(batch, dets)
         return dets
 
+    def predict_step(self, batch, batch_idx, dataloader_idx=0) -> list:
+        """``glip-pl predict-batch``: one record per image (``glip_pl.lit.prediction_writer`` writes them)."""
+        dets = self.model.postprocess(self(batch), batch.phrase_maps, batch.image_sizes.tolist(),
+                                      batch.orig_sizes.tolist(), score_thresh=self.hparams.eval_score_thresh)
+        out = []
+        for b, det in enumerate(dets):
+            names, labels = list(batch.phrase_names[b]), list(batch.phrase_labels[b])
+            phrase = [int(p) for p in det.labels.tolist()]
+            out.append({"id": str(batch.ids[b]), "source": str(batch.sources[b]),
+                        "height": int(batch.orig_sizes[b, 0]), "width": int(batch.orig_sizes[b, 1]),
+                        "boxes": [[round(v, 2) for v in box] for box in det.boxes.detach().float().cpu().tolist()],
+                        "scores": [round(v, 4) for v in det.scores.detach().float().cpu().tolist()],
+                        "labels": [int(labels[p]) for p in phrase],
+                        "phrases": [names[p] if p < len(names) else str(p) for p in phrase]})
+        return out
+
     # ------------------------------------------------------------------ COCO-style AP on the validation split
     def _collect_for_ap(self, batch, dets) -> None:
         """Keep GT (original pixels) and detections, labelled by the phrase's category, for box AP."""
@@ -261,18 +284,14 @@ class GLIPLitModule(L.LightningModule):
             from glip_pl.distributed import gather_objects
 
             gt, dt = gather_objects(gt), gather_objects(dt)
-        metrics = None
+        metrics, shown = None, False
         if self.trainer.is_global_zero and gt:
             from glip_pl.lit.metrics import box_ap
 
             per_class = bool(self.hparams.get("val_per_class", False))
             names_of = getattr(self.trainer.datamodule, "val_category_names", None) if per_class else None
             metrics = box_ap(gt, dt, per_category=per_class, names=names_of() if names_of else None)
-            where = f"step {self.global_step}"
-            if self.trainer.state.fn != "fit" and hasattr(self, "_checkpoint_step"):
-                where = f"checkpoint step {self._checkpoint_step}"  # validate/test --ckpt_path
-            print(f"[glip_pl] {where}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
-                  f"AP75 {metrics['AP75']:.3f} on {len({g[0] for g in gt})} images", flush=True)
+            shown = self._print_ap(metrics, len({g[0] for g in gt}))
         if self.trainer.world_size > 1:
             # every rank logs rank 0's AP, so monitors (ModelCheckpoint, EarlyStopping, auto-step) agree on all ranks;
             # the other ranks would wait for rank 0 at the next step's gradient all-reduce anyway
@@ -280,12 +299,13 @@ class GLIPLitModule(L.LightningModule):
         if metrics is None:
             return
         self.last_val_metrics = metrics
-        for k in ("AP", "AP50", "AP75"):
-            self.log(f"val/{k}", float(metrics[k]))
+        for k in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):  # eval.coco.METRIC_NAMES
+            if metrics[k] >= 0:  # COCO's -1: no ground truth in that size range
+                self.log(f"val/{k}", float(metrics[k]))
         if metrics.get("per_category"):
             from glip_pl.eval.coco import format_per_category
 
-            if self.trainer.is_global_zero:
+            if shown:
                 print(format_per_category(metrics["per_category"]), flush=True)
             for cat, m in metrics["per_category"].items():
                 if m["AP"] is not None:
@@ -294,6 +314,23 @@ class GLIPLitModule(L.LightningModule):
             if self.autostep_update(float(metrics["AP"])):
                 optim.reapply_lambdas(self.trainer.lr_scheduler_configs)  # now, not after the next optimiser step
             self.log("lr/autostep_stage", float(self.autostep_state["stage"]))
+
+    def _print_ap(self, metrics: dict, images: int) -> bool:
+        trainer = self.trainer
+        where = f"step {self.global_step}"
+        if trainer.state.fn != "fit" and hasattr(self, "_checkpoint_step"):
+            where = f"checkpoint step {self._checkpoint_step}"  # validate/test --ckpt_path
+        note = ""
+        if trainer.sanity_checking:
+            ran, full = sum(trainer.num_sanity_val_batches), sum(trainer.num_val_batches)
+            if ran < full:  # a few batches to catch a broken val loop early: their AP measures nothing
+                print(f"[glip_pl] sanity check passed: validation ran on {images} images ({ran} of {full} val "
+                      "batches); no AP for a partial pass", flush=True)
+                return False
+            note = " (sanity check on every val batch: the starting weights)"
+        print(f"[glip_pl] {where}: val box AP {metrics['AP']:.3f}  AP50 {metrics['AP50']:.3f}  "
+              f"AP75 {metrics['AP75']:.3f} on {images} images{note}", flush=True)
+        return True
 
     def autostep_update(self, metric: float) -> bool:
         """One validation's AP into the official auto-step rule; True when the lr was just decayed."""

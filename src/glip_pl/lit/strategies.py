@@ -122,16 +122,20 @@ def configure_sharding(lit_module) -> None:
 class GLIPFSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over every process (data parallel = world size, no tensor parallelism), one unit per GLIP block.
 
-    ``activation_checkpointing``: ``true`` (all four parts), ``false``, or a list of parts among ``backbone``,
-    ``text``, ``fusion``, ``dyhead`` — the model's own checkpointing switches, turned on before sharding (switches a
-    recipe already sets in ``model_options`` stay on either way).
-    ``param_dtype`` / ``reduce_dtype``: FSDP2's ``MixedPrecisionPolicy`` (e.g. ``bf16`` / ``fp32``: blocks compute
-    with bf16 copies of the fp32 sharded parameters, gradients are reduced in fp32); ``null`` keeps fp32. Needs
-    ``trainer.precision: bf16-mixed`` (autocast): the image normalisation runs in fp32 and meets the first conv.
-    ``reshard_after_forward``: free each block's gathered parameters after its forward (ZeRO-3-like, least memory)
-    or keep them until backward (``false``: ZeRO-2-like, one all-gather less per block and step).
-    ``save_distributed_checkpoint``: as Lightning's (``true``: a directory, one shard file per rank, written with
-    ``torch.distributed.checkpoint``; ``glip-pl consolidate`` turns it into one file).
+    Args:
+        activation_checkpointing: ``true`` (all four parts), ``false``, or a list of parts among ``backbone``,
+            ``text``, ``fusion``, ``dyhead``: the model's own checkpointing switches, turned on before sharding
+            (switches a recipe already sets in ``model_options`` stay on either way).
+        param_dtype: FSDP2 ``MixedPrecisionPolicy`` compute dtype (e.g. ``bf16``: blocks compute with bf16 copies of
+            the fp32 sharded parameters; ``null`` keeps fp32). Needs ``trainer.precision: bf16-mixed`` (autocast):
+            the image normalisation runs in fp32 and meets the first conv.
+        reduce_dtype: dtype of the gradient reduction (e.g. ``fp32``; ``null``: the parameters' dtype).
+        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3-like, least memory)
+            or keep them until backward (``false``: ZeRO-2-like, one all-gather less per block and step).
+        save_distributed_checkpoint: as Lightning's (``true``: a directory, one shard file per rank, written with
+            ``torch.distributed.checkpoint``; ``glip-pl consolidate`` turns it into one file).
+        data_parallel_size: processes that shard the model (``auto``: all).
+        **kwargs: Lightning's ``ModelParallelStrategy`` arguments.
     """
 
     def __init__(self, activation_checkpointing: Union[bool, list] = False, param_dtype: Optional[str] = None,

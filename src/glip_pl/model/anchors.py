@@ -1,7 +1,6 @@
 """One square anchor per FPN location, level-major (P3 first), as the official generator (reference §1.5.4).
 
-Shape legend: L FPN levels, H_l/W_l the grid of level l, N = sum_l H_l*W_l locations (one anchor each).
-Boxes are x1, y1, x2, y2 in pixels of the network input.
+N = Σ_l H_l·W_l locations; boxes are x1, y1, x2, y2 in pixels of the network input.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ DEFAULT_STRIDES = (8, 16, 32, 64, 128)  # P3..P7
 
 
 def _cell_anchor(stride: int, size: float, plus_one: bool) -> tuple[float, float, float, float]:
-    """The anchor of the cell at grid position (0, 0)."""
     if plus_one:
         # Official TO_REMOVE=1 convention: the base box is [0, 0, stride-1, stride-1] (centre (stride-1)/2) and a
         # box of size s spans centre ± (s-1)/2, e.g. P3 (stride 8, size 64) -> [-28, -28, 35, 35].
         c = 0.5 * (stride - 1)
         half = 0.5 * (size - 1)
     else:
-        # Continuous convention: the cell centre is ((x+0.5)*stride, (y+0.5)*stride), the box is centre ± size/2.
         c = 0.5 * stride
         half = 0.5 * size
     return (c - half, c - half, c + half, c + half)
@@ -38,11 +35,7 @@ def make_anchors(
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Anchors of all levels, (N, 4).
-
-    Level-major (P3 first), row-major within a level (index = offset_l + y*W_l + x), one anchor per location of
-    side ``anchor_scale * stride`` (64..1024 for the default strides), shifted by (x*stride, y*stride).
-    """
+    """Anchors of all levels, (N, 4), index = offset_l + y*W_l + x; side ``anchor_scale * stride``."""
     if len(level_sizes) > len(strides):
         raise GLIPInputError(f"{len(level_sizes)} level sizes but only {len(strides)} strides ({tuple(strides)})")
     out = []
@@ -51,10 +44,10 @@ def make_anchors(
         if h < 0 or w < 0:
             raise GLIPInputError(f"level size must be non-negative, got {(h, w)}")
         cell = torch.tensor(_cell_anchor(stride, anchor_scale * stride, plus_one), dtype=torch.float64)
-        # Compute in float64 so that large grids stay exact, then cast once.
+        # float64 so that large grids stay exact, then cast once.
         ys = torch.arange(h, dtype=torch.float64) * stride
         xs = torch.arange(w, dtype=torch.float64) * stride
-        sy, sx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W), row-major: index = y*W + x
+        sy, sx = torch.meshgrid(ys, xs, indexing="ij")
         shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 4)
         out.append(shifts + cell)
     if not out:

@@ -1,13 +1,9 @@
 """ATSS anchor assignment (reference §2.1; Zhang et al. 2020), vectorised over the batch and the GT boxes.
 
-Shape legend: B batch, N = sum_l H_l*W_l anchors (level-major), M GT boxes per image (padded, ``valid`` marks real
-ones), C = sum_l min(topk, N_l) candidate anchors per GT.
-
-Rule: per level, the ``topk`` anchors whose centres are closest (L2) to the GT centre are candidates; a candidate is
-positive when its IoU >= mean + std (unbiased) of that GT's candidate IoUs and its centre lies strictly inside the
-GT (min(l, t, r, b) > 0.01); an anchor positive for several GTs takes the one with the highest IoU.
-Deterministic tie-breaking (the official ``topk``/``max`` leave it to the kernel): among equally distant anchors the
-lower anchor index is taken first; among GTs with the same IoU the lower GT index wins.
+C = Σ_l min(topk, N_l) candidate anchors per GT: per level, the ``topk`` anchors whose centres are closest to the
+GT centre. A candidate is positive when its IoU >= mean + std (unbiased) of that GT's candidate IoUs and its centre
+lies strictly inside the GT; an anchor positive for several GTs takes the one with the highest IoU.
+Ties, which the official ``topk``/``max`` leave to the kernel, go to the lower anchor index and the lower GT index.
 """
 
 from __future__ import annotations
@@ -49,7 +45,9 @@ def _sq_dist(a_ctr: Tensor, g_ctr: Tensor) -> Tensor:
     return dx * dx + dy * dy
 
 
-def _check(anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tensor, gt_valid: Tensor) -> None:
+def _check(anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tensor, gt_valid: Tensor
+           ) -> tuple[int, int, int]:
+    """B, M, N of valid inputs; one clear error otherwise."""
     if anchors.dim() != 2 or anchors.shape[-1] != 4:
         raise GLIPInputError(f"anchors must be (N, 4), got {tuple(anchors.shape)}")
     if sum(int(n) for n in num_anchors_per_level) != anchors.shape[0]:
@@ -61,6 +59,7 @@ def _check(anchors: Tensor, num_anchors_per_level: Sequence[int], gt_boxes: Tens
         raise GLIPInputError(f"gt_boxes must be (B, M, 4), got {tuple(gt_boxes.shape)}")
     if tuple(gt_valid.shape) != tuple(gt_boxes.shape[:2]):
         raise GLIPInputError(f"gt_valid must be (B, M) = {tuple(gt_boxes.shape[:2])}, got {tuple(gt_valid.shape)}")
+    return gt_valid.shape[0], gt_valid.shape[1], anchors.shape[0]
 
 
 @torch.no_grad()
@@ -73,9 +72,7 @@ def atss_assign(
     plus_one: bool = False,
 ) -> Tensor:
     """Index into M of the GT matched to each anchor, -1 for background: (B, N) long. Runs in float32."""
-    _check(anchors_N4, num_anchors_per_level, gt_boxes_BM4, gt_valid_BM)
-    B, M = gt_valid_BM.shape
-    N = anchors_N4.shape[0]
+    B, M, N = _check(anchors_N4, num_anchors_per_level, gt_boxes_BM4, gt_valid_BM)
     device = anchors_N4.device
     matched = torch.full((B, N), -1, dtype=torch.long, device=device)
     if B == 0 or M == 0 or N == 0:
@@ -87,7 +84,6 @@ def atss_assign(
     a_ctr = _centres(anchors)  # (N, 2)
     g_ctr = _centres(gts)  # (B, M, 2)
 
-    # Candidates: per level, the k nearest anchors to each GT centre -> (B, M, C) global anchor indices.
     cand = []
     start = 0
     for n_l in num_anchors_per_level:
@@ -96,11 +92,10 @@ def atss_assign(
             d = _sq_dist(a_ctr[start : start + n_l], g_ctr[:, :, None, :])  # (B, M, N_l)
             cand.append(_nearest(d, min(topk, n_l)) + start)
         start += n_l
-    cand = torch.cat(cand, dim=-1)  # (B, M, C)
+    cand = torch.cat(cand, dim=-1)  # (B, M, C) global anchor indices
     C = cand.shape[-1]
 
-    cand_boxes = anchors[cand]  # (B, M, C, 4)
-    ious = box_iou(cand_boxes, gts[:, :, None, :], plus_one)[..., 0]  # (B, M, C)
+    ious = box_iou(anchors[cand], gts[:, :, None, :], plus_one)[..., 0]  # (B, M, C)
     std = ious.std(-1) if C > 1 else torch.zeros_like(ious[..., 0])  # a single candidate: std 0 (official: nan)
     thresh = ious.mean(-1) + std
     is_pos = ious >= thresh[..., None]
@@ -114,7 +109,7 @@ def atss_assign(
     is_pos &= ltrb.min(-1).values > INSIDE_EPS
     is_pos &= valid[:, :, None]
 
-    # Resolve anchors claimed by several GTs: highest IoU, then lowest GT index.
+    # An anchor claimed by several GTs: highest IoU, then lowest GT index.
     flat_idx = cand.reshape(B, M * C)
     pos_iou = torch.where(is_pos, ious, torch.full_like(ious, -1.0)).reshape(B, M * C)
     best = torch.full((B, N), -1.0, device=device).scatter_reduce(1, flat_idx, pos_iou, "amax")
@@ -127,18 +122,10 @@ def atss_assign(
 
 
 @torch.no_grad()
-def atss_assign_reference(
-    anchors_N4: Tensor,
-    num_anchors_per_level: Sequence[int],
-    gt_boxes_BM4: Tensor,
-    gt_valid_BM: Tensor,
-    topk: int = 9,
-    plus_one: bool = False,
-) -> Tensor:
+def atss_assign_reference(anchors_N4: Tensor, num_anchors_per_level: Sequence[int], gt_boxes_BM4: Tensor,
+                          gt_valid_BM: Tensor, topk: int = 9, plus_one: bool = False) -> Tensor:
     """Slow per-image, per-GT version of :func:`atss_assign` (same result), close to the official loop."""
-    _check(anchors_N4, num_anchors_per_level, gt_boxes_BM4, gt_valid_BM)
-    B, M = gt_valid_BM.shape
-    N = anchors_N4.shape[0]
+    B, M, N = _check(anchors_N4, num_anchors_per_level, gt_boxes_BM4, gt_valid_BM)
     anchors = anchors_N4.float()
     a_ctr = _centres(anchors)
     out = torch.full((B, N), -1, dtype=torch.long, device=anchors.device)

@@ -1,12 +1,7 @@
 """Image encoder: Swin (timm) + FPN P3–P7 at C channels, DropBlock on P3/P4 (reference §1.2–1.3).
 
-Shapes: B batch, C FPN channels; input (B, 3, H, W) with H, W multiples of 32; outputs P3..P7 at strides
-8, 16, 32, 64, 128.
-
-Swin comes from timm (``features_only``, stages 1–3 = C3..C5, NHWC → NCHW) with a LayerNorm on each output
-(the official detection Swin's ``norm1..3``). The FPN is torchvision's ``FeaturePyramidNetwork`` with
-``LastLevelP6P7``: same convs and init as the official (kaiming_uniform a=1, zero bias), P6 from P5's output,
-P7 from ReLU(P6). DropBlock follows the official ``layers/dropblock.py`` (gamma = p / size²).
+Input (B, 3, H, W) with H, W multiples of 32; outputs P3..P7 at strides 8..128. torchvision's FPN with
+``LastLevelP6P7`` has the official convs and init (P6 from P5's output, P7 from ReLU(P6)).
 """
 
 from __future__ import annotations
@@ -43,7 +38,7 @@ class SwinConfig:
 
 
 class DropBlock2d(nn.Module):
-    """Official DropBlock: a Bernoulli(p/size²) seed per (image, position), grown to size×size, rescaled."""
+    """Official DropBlock (``layers/dropblock.py``)."""
 
     def __init__(self, drop_prob: float = 0.3, block_size: int = 3):
         super().__init__()
@@ -61,10 +56,8 @@ class DropBlock2d(nn.Module):
 
 
 def _official_window_attention(self, x: Tensor) -> Tensor:
-    """Window attention of a timm ``SwinTransformerBlock`` in the official order (GLIP ``swint.py``): pad the map
-    to a multiple of the window, then roll; the shift mask is built on the padded size. timm rolls then pads,
-    which differs at the bottom/right border when a stage's map is not a multiple of the window.
-    x (B,H,W,C) -> (B,H,W,C)."""
+    """timm window attention in the official order (GLIP ``swint.py``): pad, then roll. timm rolls then pads, which
+    differs at the bottom/right border when a stage's map is not a multiple of the window. x (B,H,W,C)."""
     from timm.models.swin_transformer import window_partition, window_reverse
 
     _, H, W, C = x.shape
@@ -105,8 +98,7 @@ class SwinBody(nn.Module):
         if cfg.pretrained:
             from ..hub import resolve_swin
 
-            # a hub name becomes its cached file, so both kinds load through timm's file route (and its
-            # checkpoint filter, which also reads the official Microsoft key layout)
+            # A file either way, so that timm's checkpoint filter also reads the official Microsoft key layout.
             weights = resolve_swin(cfg.pretrained, timm_name=cfg.timm_name)
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights))
             log.info("swin: loading ImageNet weights from %s", weights)
@@ -125,8 +117,7 @@ class SwinBody(nn.Module):
         self._freeze(cfg.frozen_stages)
 
     def _freeze(self, frozen_stages: int) -> None:
-        """Official ``_freeze_stages``: >=0 patch_embed; >=2 also official stages 0..k-2, whose patch merging
-        sits at the start of timm's next stage."""
+        """Official ``_freeze_stages``; an official stage's patch merging sits at the start of timm's next stage."""
         frozen = []
         if frozen_stages >= 0:
             frozen.append(self.swin.patch_embed)

@@ -1,7 +1,6 @@
 """Faster R-CNN box deltas, IoU and NMS, with the official +1 width convention optional (reference §1.5.4, §6).
 
-Shape legend: ``...`` any leading dims (broadcast), N/M box counts, K kept boxes.
-Boxes are x1, y1, x2, y2. With ``plus_one`` (the official TO_REMOVE=1) a box covers the pixels x1..x2 inclusive,
+Boxes are x1, y1, x2, y2; ``...`` leading dims broadcast. With ``plus_one`` (the official TO_REMOVE=1) a box covers the pixels x1..x2 inclusive,
 so its width is x2 - x1 + 1; without it (our default) coordinates are continuous and the width is x2 - x1.
 """
 
@@ -20,7 +19,7 @@ BBOX_XFORM_CLIP = math.log(1000.0 / 16)  # dw/dh clamp, as the official BoxCoder
 
 
 class BoxCoder:
-    """Encodes GT boxes as deltas relative to anchors and decodes deltas back (weights (10, 10, 5, 5))."""
+    """GT boxes ⇄ deltas relative to anchors."""
 
     def __init__(
         self,
@@ -45,7 +44,6 @@ class BoxCoder:
         return x1 + 0.5 * w, y1 + 0.5 * h, w, h
 
     def encode(self, gt_boxes: Tensor, anchors: Tensor) -> Tensor:
-        """Deltas (..., 4) that take ``anchors`` (..., 4) to ``gt_boxes`` (..., 4); leading dims broadcast."""
         anchors = anchors.to(gt_boxes.dtype)
         ax, ay, aw, ah = self._ctr_size(anchors)
         gx, gy, gw, gh = self._ctr_size(gt_boxes)
@@ -55,7 +53,6 @@ class BoxCoder:
         )
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
-        """Boxes (..., 4) from ``deltas`` (..., 4) applied to ``anchors`` (..., 4), in the dtype of ``deltas``."""
         anchors = anchors.to(deltas.dtype)
         ax, ay, aw, ah = self._ctr_size(anchors)
         wx, wy, ww, wh = self.weights
@@ -71,29 +68,20 @@ class BoxCoder:
 
 
 def _shift(boxes: Tensor, plus_one: bool) -> Tensor:
-    """x1, y1, x2+1, y2+1 under the +1 convention, so that continuous-box formulas give the +1 areas and IoUs."""
+    """Under the +1 convention x2+1, y2+1, so that continuous-box formulas give the +1 areas and IoUs."""
     if not plus_one:
         return boxes
     return boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
 
 
 def box_iou(a: Tensor, b: Tensor, plus_one: bool = False) -> Tensor:
-    """Pairwise IoU, (..., N, 4) x (..., M, 4) -> (..., N, M).
-
-    Under ``plus_one`` the official IoU uses w = x2 - x1 + 1 for areas and intersections alike; that is exactly the
-    continuous IoU of the boxes with x2+1, y2+1, which is what torchvision computes here.
-    """
+    """Pairwise IoU, (..., N, 4) x (..., M, 4) -> (..., N, M); under ``plus_one`` see :func:`_shift`."""
     return torchvision.ops.box_iou(_shift(a, plus_one), _shift(b, plus_one))
 
 
 def nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou: float, plus_one: bool = False) -> Tensor:
-    """Per-label NMS (torchvision ``batched_nms``): indices (K,) of the kept boxes, by decreasing score.
-
-    For ``plus_one`` the boxes are given to torchvision with x2+1, y2+1: the continuous IoU of the shifted boxes
-    equals the official +1 IoU (``ml_nms``), so the suppression is the same.
-    Runs in float64: ``batched_nms`` may separate labels by adding label*max_coordinate to the boxes, which loses
-    precision in float32 once there are many labels (e.g. image*phrase keys of a batch).
-    """
+    """Per-label NMS, kept indices by decreasing score. float64: ``batched_nms`` may separate labels by adding
+    label*max_coordinate to the boxes, which loses precision in float32 with many labels (image*phrase keys)."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     shifted = _shift(boxes.to(torch.float64), plus_one)

@@ -1,17 +1,10 @@
 """Vision half of a DyHead block: deformable convs across levels, scale attention, DyReLU (reference §1.5.3).
 
-Shape legend: B batch, C channels (256), L FPN levels, H_l×W_l size of level l (level l+1 is the coarser one,
-H_{l+1} = ceil(H_l / 2)), K = 9 kernel taps of a 3×3 kernel.
+The coarser level l+1 has H_{l+1} = ceil(H_l / 2); K = 9 taps. Attribute names follow the official state dict.
 
-Attribute names follow the official state dict below ``rpn.head.dyhead_tower.{3i+2}.`` (reference §8):
-``DyConv.{0,1,2}.conv.{weight,bias}``, ``DyConv.{0,1,2}.bn.{weight,bias}``, ``AttnConv.1.{weight,bias}``,
-``relu.fc.{0,2}.{weight,bias}``, ``offset.{weight,bias}``.
-
-Offset layout: the official DCNv2 CUDA kernel and ``torchvision.ops.deform_conv2d`` read the offset tensor the
-same way — channel 2k is the row offset (dy) and channel 2k+1 the column offset (dx) of tap k = i·3 + j, and
-mask channel k scales tap k (checked in torchvision's CPU kernel and by ``tests/model/test_dyhead.py``, which
-compares against a grid_sample re-implementation). So the official offset conv's channels 0..17 feed
-torchvision unchanged, 18..26 are the mask logits.
+The official DCNv2 kernel and ``torchvision.ops.deform_conv2d`` read offsets alike: channel 2k is dy and 2k+1 dx of
+tap k = i·3 + j, mask channel k scales tap k. So the official offset conv's channels 0..17 feed torchvision
+unchanged and 18..26 are the mask logits.
 """
 
 from __future__ import annotations
@@ -29,14 +22,11 @@ DEFORM_CONV_IMPLS = ("auto", "torchvision", "grid_sample")
 
 def deform_conv3x3_grid_sample(x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor,
                                stride: int) -> Tensor:
-    """The same modulated 3×3 deformable conv (padding 1) as ``torchvision.ops.deform_conv2d``, from stock ops:
-    one ``grid_sample`` gathers the 9 bilinear taps of every output position, one matmul applies the weight.
+    """``torchvision.ops.deform_conv2d``'s modulated 3×3 conv (padding 1) as one ``grid_sample`` + one matmul.
 
-    Tap k = i·3 + j of output (y, x) reads input (y·s − 1 + i + dy_k, x·s − 1 + j + dx_k); a corner outside the
-    image reads 0 — torchvision's rule, which is ``grid_sample``'s zero padding at pixel centres (align_corners
-    False). On CPU its forward + backward is 3–5× faster than torchvision's kernel (a tiny training step 2.8×,
-    BENCHMARKS.md) at the cost of the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to
-    rounding (tests/model/test_dyhead.py)."""
+    A tap corner outside the image reads 0 in torchvision, which is ``grid_sample``'s zero padding with
+    align_corners False. On CPU forward + backward is 3–5× faster than torchvision's kernel (BENCHMARKS.md) at the
+    cost of the B·C·9·Ho·Wo tap tensor; outputs and gradients equal torchvision's to rounding."""
     b, c, h, w = x.shape
     ho, wo = offset.shape[-2:]
     taps = torch.arange(3, device=x.device, dtype=x.dtype)
@@ -53,10 +43,8 @@ def deform_conv3x3_grid_sample(x: Tensor, offset: Tensor, mask: Tensor, weight: 
 
 
 class ModulatedDeformConv3x3(nn.Module):
-    """DCNv2 3×3 conv (groups 1, one offset group, padding 1), always computed in fp32 like the official op.
-
-    ``impl``: "torchvision" (``torchvision.ops.deform_conv2d``), "grid_sample" (``deform_conv3x3_grid_sample``,
-    the same function) or "auto" — torchvision's kernel on CUDA, the grid_sample form elsewhere (faster on CPU)."""
+    """DCNv2 3×3 conv (padding 1), always in fp32 like the official op; ``impl="auto"``: torchvision's kernel on
+    CUDA, the grid_sample form (faster on CPU) elsewhere."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, impl: str = "auto"):
         super().__init__()
@@ -68,8 +56,8 @@ class ModulatedDeformConv3x3(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Official ModulatedDeformConv init: uniform(±1/sqrt(C_in·9)), bias 0 (it is not an nn.Conv2d, so the
-        # DyConv N(0, 0.01) loop does not touch it — reference §1.5.3 "Init").
+        # Official ModulatedDeformConv init; not an nn.Conv2d, so the DyConv N(0, 0.01) loop skips it (reference
+        # §1.5.3 "Init").
         bound = 1.0 / math.sqrt(self.weight.shape[1] * 9)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.zeros_(self.bias)
@@ -87,7 +75,6 @@ class ModulatedDeformConv3x3(nn.Module):
 
 
 class Conv3x3Norm(nn.Module):
-    """Modulated deformable 3×3 conv followed by GroupNorm."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, groupnorm_groups: int,
                  deform_conv: str = "auto"):
@@ -100,7 +87,6 @@ class Conv3x3Norm(nn.Module):
 
 
 class HSigmoid(nn.Module):
-    """Hard sigmoid ReLU6(x + 3) / 6."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu6(x + 3.0) / 6.0
@@ -120,7 +106,6 @@ class DyReLU(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (B,C,H,W) -> (B,C,H,W)."""
         b, c = x.shape[:2]
         coef = self.fc(x.mean(dim=(2, 3))).view(b, 4 * c, 1, 1)
         a1, b1, a2, b2 = coef.split(c, dim=1)
@@ -134,15 +119,11 @@ class DyReLU(nn.Module):
 def offsets_for_coarser_level(
     offset: Tensor, mask: Tensor, out_hw: tuple[int, int], official_compat: bool
 ) -> tuple[Tensor, Tensor]:
-    """Offsets/mask computed on level l (H_l×W_l) for ``DyConv[0]``, whose output has level l+1's size out_hw.
+    """Level l's offset (B,2K,H_l,W_l) and mask (B,K,H_l,W_l) for ``DyConv[0]``, whose output has size out_hw.
 
-    offset (B,2K,H_l,W_l), mask (B,K,H_l,W_l) -> (B,2K,Ho,Wo), (B,K,Ho,Wo).
-
-    official_compat=True: what the official CUDA op computes — it ignores the offset's shape and reads each
-    image's buffer as if it were laid out for the output size, i.e. ``offset[b].reshape(-1)[:2K·Ho·Wo]`` viewed
-    as (2K,Ho,Wo) (reference §1.5.3 quirk). Needed to reproduce released checkpoints exactly.
-    official_compat=False: the offsets at the matching locations, ``[..., ::2, ::2]`` (output pixel i of the
-    coarser level sits over pixel 2i of level l).
+    official_compat: the official CUDA op ignores the offset's shape and reads each image's buffer as if laid out
+    for the output size (reference §1.5.3 quirk), needed to reproduce released checkpoints. Otherwise the matching
+    locations, ``[..., ::2, ::2]``: output pixel i of the coarser level sits over pixel 2i of level l.
     """
     ho, wo = out_hw
     b = offset.shape[0]
@@ -184,8 +165,7 @@ class DyHeadBlock(nn.Module):
         self.h_sigmoid = HSigmoid()
         self.relu = DyReLU(channels)
         self.offset = nn.Conv2d(channels, 27, kernel_size=3, padding=1)  # PyTorch default init (official)
-        # Official init loop: N(0, 0.01) and bias 0 for the nn.Conv2d modules inside DyConv (there are none:
-        # the deformable convs are not Conv2d) and inside AttnConv.
+        # The official init loop; it finds no nn.Conv2d inside DyConv (the deformable convs are not Conv2d).
         for m in list(self.DyConv.modules()) + list(self.AttnConv.modules()):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.01)
@@ -196,7 +176,7 @@ class DyHeadBlock(nn.Module):
         out = []
         last = len(features) - 1
         for lvl, x in enumerate(features):
-            om = self.offset(x)  # (B,27,H_l,W_l)
+            om = self.offset(x)
             offset, mask = om[:, :18], om[:, 18:].sigmoid()
             maps = [self.DyConv[1](x, offset, mask)]
             if lvl > 0:
@@ -213,7 +193,7 @@ class DyHeadBlock(nn.Module):
                 off_c, mask_c = offsets_for_coarser_level(offset, mask, tuple(coarser.shape[-2:]), self.official_compat)
                 up = self.DyConv[0](coarser, off_c, mask_c)
                 maps.append(F.interpolate(up, size=x.shape[-2:], mode="bilinear", align_corners=True))
-            # Scale-aware attention: each map weighted by h_sigmoid(ReLU(conv1x1(GAP))), then the MEAN.
+            # The mean, not the sum, of the attention-weighted maps (official).
             fused = sum(f * self.h_sigmoid(self.AttnConv(f)) for f in maps) / len(maps)
             out.append(self.relu(fused))
         return out

@@ -1,9 +1,7 @@
 """The GLIP detector: image encoder + text encoder + VL-DyHead, with its criterion and post-processor.
 
-GLIP §3 / reference §1: tokenise → BERT → Swin+FPN (the image never sees the text before the head) →
-deep fusion head → region–token logits. Plain PyTorch: no Lightning, torch.distributed, W&B or DeepSpeed here.
-
-Shapes: B batch, N = Σ H_l·W_l locations, T text tokens, M boxes, P phrases.
+GLIP §3 / reference §1: the image never sees the text before the head, so its features can serve many prompts.
+Plain PyTorch: no Lightning, torch.distributed, W&B or DeepSpeed here.
 """
 
 from __future__ import annotations
@@ -27,8 +25,7 @@ from .prompt_tuning import PromptEmbedding, freeze_all_but_prompt
 from .prompts import Prompt, build_detection_prompt, phrases_from_caption, spans_to_token_map
 from .types import Detections, GLIPInputError, GroundingOutputs, Targets, TextInputs
 
-# ImageNet statistics. The official model reads BGR 0–255 with mean [103.530, 116.280, 123.675] and std
-# [57.375, 57.120, 58.395] (reference §1.1) — the same numbers ×255 in the other channel order.
+# ImageNet statistics; the official model reads BGR 0–255 (reference §1.1), the same numbers ×255.
 RGB_MEAN = (0.485, 0.456, 0.406)
 RGB_STD = (0.229, 0.224, 0.225)
 BGR255_MEAN = (103.530, 116.280, 123.675)
@@ -67,14 +64,13 @@ class GLIP(nn.Module):
         self._tokenizer = None
         self.prompt = PromptEmbedding(cfg.max_text_len, text_dim) if cfg.prompt_tuning else None
         if cfg.prompt_tuning:
-            freeze_all_but_prompt(self)  # only the prompt trains (optimiser groups take requires_grad params)
+            freeze_all_but_prompt(self)
 
     @property
     def optional_state_keys(self) -> tuple:
         """Keys a checkpoint may lack: the zero-initialised prompt when starting prompt tuning from a detector."""
         return ("prompt.weight",) if self.prompt is not None else ()
 
-    # ------------------------------------------------------------------ inputs
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -124,7 +120,6 @@ class GLIP(nn.Module):
     def tokenize(self, captions: Sequence[str], pad_to: Optional[int] = None):
         return tokenize(self.tokenizer, captions, max_length=self.cfg.max_text_len, pad_to=pad_to)
 
-    # ------------------------------------------------------------------ forward
     def encode_image(self, images: Tensor, image_sizes: Tensor) -> list:
         """Normalise and run Swin+FPN once; the features can be reused for many prompts (LVIS chunks)."""
         # Normalise in fp32, then hand the backbone its weights' dtype: a model cast to bf16/fp16 (DeepSpeed's
@@ -132,8 +127,7 @@ class GLIP(nn.Module):
         return self.backbone(self.normalize(images, image_sizes).to(weight_dtype(self.backbone)))
 
     def encode_text(self, text: TextInputs) -> Tensor:
-        """Text features (B,T,D); with prompt tuning the learnable prompt is added here, before the head (and before
-        any text-feature cache of chunked evaluation)."""
+        """Text features (B,T,D); the tuned prompt is added here, before any text-feature cache of chunked eval."""
         features = self.language_backbone(text)
         return self.prompt(features) if self.prompt is not None else features
 
@@ -159,15 +153,10 @@ class GLIP(nn.Module):
         """Named, unweighted loss terms; ``self.criterion.total(terms)`` weights and sums them."""
         return self.criterion(outputs, targets.with_text_length(outputs.logits.shape[-1]))
 
-    # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images: Sequence[Tensor], prompts: Sequence, orig_sizes: Optional[Sequence] = None,
                 **post) -> list:
-        """Detect the phrases of each prompt in each image.
-
-        images: list of (3,H,W) uint8/[0,1] RGB tensors (network-input size); prompts: per image, a caption
-        string ("a cat. a remote control") or a ``Prompt`` or a list of class names. Returns ``Detections``.
-        """
+        """Detections of each prompt (a caption, a list of class names or a ``Prompt``) in each (3,H,W) RGB image."""
         if len(images) != len(prompts):
             raise GLIPInputError(f"{len(images)} images but {len(prompts)} prompts")
         batch, sizes = self.batch_images(images)
@@ -202,9 +191,8 @@ class GLIP(nn.Module):
 
 
 def weight_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of a module's first floating-point parameter (fp32 when it has none): what its inputs must be in
-    when the weights were cast (``model.to(torch.bfloat16)``, DeepSpeed bf16). Under autocast the weights stay
-    fp32 and autocast casts per op, so fp32 inputs are right there too."""
+    """The dtype its inputs must have when the weights were cast (``model.to(torch.bfloat16)``, DeepSpeed bf16);
+    fp32 under autocast, whose weights stay fp32."""
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -212,8 +200,7 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
 
 
 def build_glip(preset: str = "tiny", **overrides) -> GLIP:
-    """Build a GLIP model from a preset name (``tiny``, ``glip_t_a``, ``glip_t``, ``glip_l``) plus overrides,
-    e.g. ``build_glip("glip_t", official_compat=True, swin__pretrained="/path/swin_tiny.pth")``."""
+    """A GLIP from a preset name plus overrides (``swin__pretrained=...`` for nested options)."""
     from .presets import get_config
 
     return GLIP(get_config(preset, **overrides))

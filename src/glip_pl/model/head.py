@@ -4,8 +4,6 @@ Reference §1.5 (tower order and per-block contents) and §1.5.4 (output heads).
 ``dyhead_tower`` list in the official order — index 3k is the fusion, 3k+1 the extra BERT layer, 3k+2 the
 DyHead block — so official checkpoint names map by prefix. GLIP-T(A) uses the same tower with ``NoFusion`` and
 ``IdentityTextLayer`` (parameter-free), i.e. variants are classes, not switches inside ``forward``.
-
-Shapes: B batch, C channels, L levels, N = Σ H_l·W_l, T text tokens, D text width.
 """
 
 from __future__ import annotations
@@ -142,7 +140,7 @@ class GLIPHead(nn.Module):
 
 
 def _fuse_flat(module, n: int, *xs):
-    """Checkpoint-friendly wrapper: flat tensors in, flat tuple (visual..., text) out."""
+    """Flat tensors in and out, as activation checkpointing wants."""
     visual, text = module(list(xs[:n]), xs[n], xs[n + 1])
     return (*visual, text)
 

@@ -1,9 +1,8 @@
 """Text encoder: BERT (bert-base-uncased architecture) from transformers, and its fast tokenizer.
 
-Reference §1.4: all 12 layers, trainable, no pooler; the text features are the last layer's output.
-Weights never come from the network here: a local directory or the local HF cache when the user has them,
-otherwise a randomly initialised model built from a config. The WordPiece vocabulary of bert-base-uncased
-(Apache-2.0, Google) ships in ``glip_pl/assets`` so tokenisation is always exact and offline.
+Reference §1.4. Weights never come from the network here (a local directory or the local HF cache, else random
+init); the bert-base-uncased WordPiece vocabulary (Apache-2.0) ships in ``glip_pl/assets`` so tokenisation is
+always exact and offline.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ def bundled_vocab_path() -> str:
 
 
 def _local_hf_dir(name_or_path: str) -> Optional[str]:
-    """A directory with the model/tokenizer files: the path itself, or a snapshot in the local HF cache."""
     if os.path.isdir(name_or_path):
         return name_or_path
     try:
@@ -42,11 +40,7 @@ def _local_hf_dir(name_or_path: str) -> Optional[str]:
 
 
 def build_tokenizer(name_or_path: Optional[str] = None):
-    """Fast BERT tokenizer with character offsets. Never downloads.
-
-    ``name_or_path``: a local directory with tokenizer files, a vocab.txt, a model name present in the local HF
-    cache, or None for the bundled bert-base-uncased vocabulary.
-    """
+    """Fast BERT tokenizer (character offsets) from a folder, a vocab.txt, a cached name or None (bundled)."""
     from transformers import BertTokenizerFast
 
     if name_or_path and os.path.isfile(name_or_path):
@@ -64,7 +58,6 @@ def build_tokenizer(name_or_path: Optional[str] = None):
 
 
 def _tokenizer_from_vocab(path: str):
-    """A lower-casing WordPiece tokenizer from a vocab.txt (one token per line, id = line number)."""
     from transformers import BertTokenizerFast
 
     with open(path, encoding="utf-8") as f:
@@ -139,10 +132,7 @@ class TextEncoder(nn.Module):
 
 
 def tokenize(tokenizer, captions: Sequence[str], max_length: int = 256, pad_to: Optional[int] = None):
-    """Tokenise a batch, padded to its longest caption (or to ``pad_to``); returns (TextInputs, offsets).
-
-    ``offsets`` is a list (per caption) of (start, end) character offsets per token.
-    """
+    """Tokenise a batch, padded to its longest caption (or to ``pad_to``); returns (TextInputs, offsets)."""
     if len(captions) == 0:
         raise GLIPInputError("empty batch of prompts")
     for i, c in enumerate(captions):

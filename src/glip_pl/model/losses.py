@@ -1,17 +1,13 @@
 """GLIP grounding loss: ATSS assignment, token focal loss, centerness-weighted GIoU, centerness BCE (reference §2).
 
-Shape legend: B batch, N = sum_l H_l*W_l anchors (level-major), T text tokens, M GT boxes per image (padded),
-P positive anchors of the whole batch.
+P = positive anchors of the whole batch. The terms are unweighted; ``GroundingCriterion.weights`` is the one place
+the weights live. ``reduce_mean`` (an all-reduce average set by the training shell) is called exactly once per
+forward on every rank, positives or not, so no rank waits on a collective another skipped.
 
-Returns named, UNWEIGHTED terms; ``GroundingCriterion.weights`` is the one place the weights live (DESIGN.md 9).
-Normalisers are averaged across ranks through ``reduce_mean`` (identity by default; the training shell sets an
-all-reduce average), called exactly once per forward on every rank, positives or not.
-
-Fixed shapes (issue 22): every term is computed for all B*N anchors (and B*N*T token entries) and masked with
-``torch.where`` or a 0/1 weight, never by boolean indexing or ``nonzero``, so the whole loss traces into one graph under
-``torch.compile(fullgraph=True)`` and makes no data-dependent host sync. Masked-out inputs are replaced by safe
-values before the maths (0 logits, the anchor as its own GT box), so they get exactly zero gradient and cannot turn
-a sum into NaN. ``criterion_reference`` keeps the indexed per-image form the vectorised one is tested against.
+Fixed shapes: every term is computed for all B*N anchors and masked with ``torch.where`` or a 0/1 weight, never by
+boolean indexing, so the loss traces into one graph under ``torch.compile(fullgraph=True)`` with no host sync.
+Masked-out inputs are replaced by safe values first (0 logits, the anchor as its own GT box), so they get zero
+gradient and cannot turn a sum into NaN. ``criterion_reference`` is the indexed per-image form it is tested against.
 """
 
 from __future__ import annotations
@@ -46,8 +42,7 @@ def centerness_targets(anchors_P4: Tensor, gt_P4: Tensor) -> Tensor:
 
 
 def ignored_tokens(anchors_N4: Tensor, ignore_boxes: Tensor, ignore_valid: Tensor, ignore_map: Tensor) -> Tensor:
-    """(B, N, T) bool: token t of anchor n lies in an ignore region of image b (the anchor's centre strictly inside
-    a valid ``ignore_boxes[b, k]`` whose ``ignore_map[b, k]`` marks t)."""
+    """(B, N, T) bool: the anchor's centre lies strictly inside a valid ignore box whose map marks token t."""
     ctr = (anchors_N4[:, :2] + anchors_N4[:, 2:]) / 2.0  # (N, 2)
     box = ignore_boxes[:, None, :, :]  # (B, 1, K, 4)
     cx, cy = ctr[None, :, None, 0], ctr[None, :, None, 1]
@@ -57,10 +52,8 @@ def ignored_tokens(anchors_N4: Tensor, ignore_boxes: Tensor, ignore_valid: Tenso
 
 
 def _ignore_inputs(targets: Targets, B: int, T: int, device) -> Optional[tuple]:
-    """Checked (boxes, valid, map) of the targets' ignore regions padded to T tokens, or None when there are none.
-
-    All-padding regions (no ``valid`` entry) are not special-cased: they ignore nothing, and testing for them would be
-    a host sync."""
+    """Checked ignore regions padded to T tokens, or None. All-padding regions are not special-cased: they ignore
+    nothing, and testing for them would be a host sync."""
     if targets.ignore_boxes is None and targets.ignore_map is None and targets.ignore_valid is None:
         return None
     if targets.ignore_boxes is None or targets.ignore_map is None or targets.ignore_valid is None:
@@ -79,7 +72,6 @@ def _ignore_inputs(targets: Targets, B: int, T: int, device) -> Optional[tuple]:
 
 
 def _box_weights(targets: Targets, B: int, M: int) -> Tensor:
-    """(B, M) fp32 box weights of the targets (all 1 when there are none), checked."""
     if targets.box_weight is None:
         return torch.ones(B, M, device=targets.boxes.device)
     w = targets.box_weight.float()
@@ -100,9 +92,8 @@ def _flatten_inverted(pred_4: Tensor) -> Tensor:
 
 
 def _giou_loss(pred_4: Tensor, gt_4: Tensor, eps: float = 1e-7) -> Tensor:
-    """1 - GIoU per pair, (...,): ``torchvision.ops.generalized_box_iou_loss``'s arithmetic (same eps) on whole
-    tensors; torchvision fills the intersection through a boolean mask (a data-dependent shape under compile), here
-    ``torch.where`` does (the same values and the same zero gradient outside the overlap)."""
+    """``torchvision.ops.generalized_box_iou_loss``'s arithmetic with ``torch.where`` where torchvision indexes by a
+    boolean mask (a data-dependent shape under compile)."""
     pred = _flatten_inverted(pred_4)
     x1, y1, x2, y2 = pred.unbind(-1)
     x1g, y1g, x2g, y2g = gt_4.unbind(-1)
@@ -117,7 +108,6 @@ def _giou_loss(pred_4: Tensor, gt_4: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def _giou_loss_torchvision(pred_P4: Tensor, gt_P4: Tensor) -> Tensor:
-    """The same with torchvision's own function (boolean indexing inside): the reference path's version."""
     return torchvision.ops.generalized_box_iou_loss(_flatten_inverted(pred_P4), gt_P4, reduction="none")
 
 
@@ -147,20 +137,16 @@ class GroundingCriterion(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.plus_one = bool(plus_one)
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
-        # Positive-count all-reduce hook: Tensor -> Tensor, elementwise average over ranks.
         self.reduce_mean: Callable[[Tensor], Tensor] = _identity
 
     def total(self, terms: dict) -> Tensor:
-        """Weighted sum of the terms returned by ``forward``."""
         unknown = set(terms) - set(self.weights)
         if unknown:
             raise GLIPInputError(f"no weight for loss terms {sorted(unknown)}")
         return sum(self.weights[k] * v for k, v in terms.items())
 
-    # ------------------------------------------------------------------------------------------------ inputs
     def _prepare(self, outputs: GroundingOutputs, targets: Targets):
-        """fp32 copies of the inputs, shapes checked: (logits, deltas, ctr, anchors, boxes, valid, pmap, mask,
-        ignore regions or None, box weights (B, M))."""
+        """fp32 copies of the inputs, shapes checked."""
         logits = outputs.logits.float()
         if logits.dim() != 3:
             raise GLIPInputError(f"outputs.logits must be (B, N, T), got {tuple(logits.shape)}")
@@ -196,14 +182,11 @@ class GroundingCriterion(nn.Module):
         return logits, deltas, ctr, anchors, boxes, valid, pmap, mask.bool(), ignore, _box_weights(targets, B, M)
 
     def _normalisers(self, num_pos: Tensor, ctr_sum: Tensor, weight_sum: Tensor, reduce_mean) -> tuple:
-        """(positives, box-weighted centerness target sum, box-weight sum) averaged over ranks; one collective for
-        all three, which every rank makes whatever its number of positives. With all box weights 1 the last two
-        are the plain centerness sum and the positive count."""
+        """(positives, weighted centerness target sum, box-weight sum) averaged over ranks in one collective."""
         stats = reduce_mean(torch.stack([num_pos.detach().float(), ctr_sum.detach().float(),
                                          weight_sum.detach().float()]))
         return stats[0].clamp(min=1.0), stats[1].clamp(min=1e-6), stats[2].clamp(min=1e-6)
 
-    # ----------------------------------------------------------------------------------------------- forward
     def forward(
         self, outputs: GroundingOutputs, targets: Targets, reduce_mean: Optional[Callable[[Tensor], Tensor]] = None
     ) -> dict:
@@ -214,7 +197,6 @@ class GroundingCriterion(nn.Module):
             matched = atss_assign(anchors, outputs.num_anchors_per_level, boxes, valid, self.topk, self.plus_one)
             pos = matched >= 0  # (B, N)
 
-            # Token focal loss: a positive anchor takes its GT's whole positive-map row, background all zeros.
             if pmap.shape[1] > 0:
                 idx = matched.clamp(min=0)[:, :, None].expand(B, N, T)
                 token_tgt = torch.gather(pmap, 1, idx) * pos[:, :, None]
@@ -229,9 +211,7 @@ class GroundingCriterion(nn.Module):
             )
             token_sum = torch.where(sel, focal, torch.zeros_like(focal)).sum()
 
-            # Regression and centerness on the positives of the whole batch, each weighted by its box's weight (and
-            # normalised by the weighted sums: a weight-0 box neither trains nor dilutes these terms). Computed for
-            # all B*N anchors; a background anchor gets weight 0 and itself as its GT box, so its terms are finite.
+            # Normalised by the weighted sums, so a weight-0 box neither trains nor dilutes these terms.
             if boxes.shape[1] == 0:  # no GT column to gather from (every anchor is background anyway)
                 boxes, bw = boxes.new_zeros(B, 1, 4), bw.new_zeros(B, 1)
             anc = anchors[None].expand(B, N, 4)
@@ -279,7 +259,7 @@ def criterion_reference(
         tgt = torch.zeros(N, T, device=logits.device)
         tgt[pos] = pmap[b, matched[pos]]
         keep = mask[b][None, :].expand(N, T).clone()
-        if ignore is not None:  # per region, per anchor: the plain loops the batched mask must agree with
+        if ignore is not None:
             i_boxes, i_valid, i_map = ignore
             for k in range(i_boxes.shape[1]):
                 if not bool(i_valid[b, k]):
@@ -296,7 +276,7 @@ def criterion_reference(
         if not bool(pos.any()):
             continue
         gt = boxes[b, matched[pos]]
-        wt = bw[b, matched[pos]]  # each positive anchor takes its box's weight
+        wt = bw[b, matched[pos]]
         anc = anchors[pos]
         ct = centerness_targets(anc, gt)
         pred = criterion.box_coder.decode(deltas[b][pos], anc)

@@ -1,8 +1,5 @@
 """Head outputs -> per-image phrase detections, as the official ATSS post-processor (reference §6).
 
-Shape legend: B batch, N = sum_l H_l*W_l anchors (level-major), T text tokens, P phrases of an image's prompt
-(P_max the largest of the batch), K candidates kept for NMS over the batch.
-
 Steps: phrase score = mean sigmoid over the phrase's tokens; candidates have phrase score > ``score_thresh``
 (before centerness); top ``pre_nms_top_n`` (anchor, phrase) pairs per level and image ranked by the final score
 sqrt(phrase score * sigmoid(centerness)); decode; clip to the content size of the network input; NMS per phrase;

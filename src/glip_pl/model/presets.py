@@ -37,18 +37,13 @@ class GLIPConfig:
     tokenizer: Optional[str] = None  # None = bundled bert-base-uncased vocabulary
     official_compat: bool = False  # BGR-255 input, +1 boxes, flat-memory DCN offsets (see docs/official_compat)
     use_sdpa: bool = True
-    # DyHead's deformable convs: "auto" = torchvision's kernel on CUDA, the grid_sample form (same function,
-    # 3-5x faster on CPU) elsewhere; "torchvision" | "grid_sample" force one (model/dyhead.py)
-    deform_conv: str = "auto"
+    deform_conv: str = "auto"  # "auto" | "torchvision" | "grid_sample" (model/dyhead.py)
     checkpoint_backbone: bool = False
     checkpoint_text: bool = False
     checkpoint_fusion: bool = False
     checkpoint_dyhead: bool = False
     topk: int = 9  # ATSS candidates per level
-    # prompt tuning (official language_prompt_v2): a zero-init (max_text_len, text width) prompt added to the text
-    # features; every other parameter frozen at build time (model/prompt_tuning.py)
-    prompt_tuning: bool = False
-    # post-processing (reference §6)
+    prompt_tuning: bool = False  # model/prompt_tuning.py; freezes every other parameter at build time
     score_thresh: float = 0.05
     pre_nms_top_n: int = 1000
     nms_thresh: float = 0.6
@@ -84,17 +79,10 @@ def _glip_l() -> GLIPConfig:
 def _tiny() -> GLIPConfig:
     """A few-MB model for CPU tests and the demo: the same structure at small widths.
 
-    The widths are what the demo needs to learn colour *and* shape in a few hundred CPU steps, measured on the
-    synthetic data (demo recipe, 300 steps, one seed each; probes in docs/experiments/pseudo_labelling.md): with a 32-wide
-    head the image features lose the colour on their way through the head (a linear probe reads it from the FPN
-    at 95-99 %, from the head's output at 33-53 %) and box AP stays at 0.10-0.19; a 64-wide head with a 128-wide
-    fusion keeps it (94 %) and reaches AP 0.37 for 1.7x the step time.
-
-    The dot product scores the text encoder's output (``use_fused_text=False``, as GLIP-T(A)); deep fusion still
-    updates the image features in every block. With a randomly initialised BERT whose attention stays diffuse for
-    hundreds of steps, the tower's fused text loses token identity (colour words at cosine 0.98 with each other,
-    0.67 after the encoder): at the 64 width the fused text reaches AP 0.23 where the encoder's text reaches 0.37
-    (at the 32 width 0.105 vs 0.185). GLIP-T and GLIP-L, with a pretrained BERT, keep the official fused text.
+    Measured on the synthetic demo (docs/experiments/pseudo_labelling.md, "Why the tiny teacher plateaued"): a
+    32-wide head loses the objects' colour (box AP 0.10-0.19), the 64-wide head with 128-wide fusion reaches 0.37;
+    the randomly initialised tower's fused text loses token identity, so the dot product scores the encoder's text
+    (AP 0.37 vs 0.23). GLIP-T and GLIP-L, with a pretrained BERT, keep the official fused text.
     """
     return GLIPConfig(
         swin=SwinConfig(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
@@ -129,7 +117,6 @@ OFFICIAL_PARAMS = {
 
 
 def _apply(obj, key: str, value):
-    """Set ``key`` (dotted for nested dataclasses: ``swin.drop_path_rate``) on a dataclass copy."""
     head, _, rest = key.partition(".")
     names = {f.name for f in fields(obj)}
     if head not in names:

@@ -1,21 +1,9 @@
 """Prompt tuning (GLIP §4.3 / reference §5, official ``SOLVER.TUNING_HIGHLEVEL_OVERRIDE language_prompt_v2``).
 
-A learnable, zero-initialised embedding with one row per text position is added to the text encoder's output
-before the deep-fusion head; every other parameter is frozen, so only the prompt trains (official lr 0.05,
-weight decay 0.25). At initialisation the model is exactly the pretrained one (the prompt is zero).
-
-Official ↔ glip_pl mapping
---------------------------
-The official model holds ``tunable_linear = nn.Linear(768, 1000, bias=False)`` with its weight filled with 0, and
-in ``GeneralizedVLRCNN.forward`` adds ``tunable_linear.weight[:T]`` (rows = text positions, shape (1000, 768))
-to both ``language_dict_features["embedded"]`` and ``["hidden"]`` — both are BERT's last-layer output, which in
-glip_pl is the single tensor ``GLIP.encode_text`` returns. glip_pl keeps only the rows a prompt can reach:
-
-    glip_pl ``prompt.weight``  (max_text_len, text width) = (256, 768) for GLIP-T/L
-    official ``tunable_linear.weight``  (1000, 768); rows 256..999 are never used (prompts stop at 256 tokens)
-
-``official_to_prompt`` / ``prompt_to_official`` convert between the two (slice / zero-pad). The row for position
-t is added to every prompt's token t, padding included (the head masks padding), as the official code does.
+A zero-initialised row per text position is added to the text encoder's output, and only it trains, so training
+starts from exactly the pretrained model. The official ``tunable_linear.weight`` (1000, 768) is added to both
+``embedded`` and ``hidden``, which are both BERT's last-layer output (``GLIP.encode_text`` here); only its first
+``max_text_len`` rows can be reached. Padding positions get their row too, as officially (the head masks them).
 """
 
 from __future__ import annotations
@@ -45,7 +33,7 @@ class PromptEmbedding(nn.Module):
 
 
 def freeze_all_but_prompt(model: nn.Module) -> list:
-    """requires_grad=False for every parameter except ``prompt.*``; returns the names left trainable."""
+    """Freezes every parameter except ``prompt.*``; returns the names left trainable."""
     trainable = []
     for name, p in model.named_parameters():
         keep = name.startswith("prompt.")
@@ -63,7 +51,7 @@ def official_to_prompt(weight: Tensor, max_text_len: int) -> Tensor:
 
 
 def prompt_to_official(weight: Tensor, rows: int = OFFICIAL_ROWS) -> Tensor:
-    """glip_pl ``prompt.weight`` (L, D) → official ``tunable_linear.weight`` (1000, D), unused rows zero."""
+    """glip_pl ``prompt.weight`` (L, D) → official ``tunable_linear.weight`` (1000, D), zero-padded."""
     if weight.shape[0] > rows:
         raise GLIPInputError(f"prompt has {weight.shape[0]} rows, more than the official {rows}")
     out = weight.new_zeros(rows, weight.shape[1])

@@ -1,10 +1,8 @@
 """Prompts and positive maps: class names → caption with spans, character spans → token maps.
 
-Follows the official rules (reference §3): names are cleaned (``clean_name``), joined with ". " and no trailing
-separator; a span maps to the tokens that cover its characters through the fast tokenizer's offsets.
-Unlike the official ``create_positive_map`` (which retries start+1/+2 and silently skips a span that still maps to
-nothing), a span is mapped by character overlap, so spans that start or end inside a word work, and a span that
-covers no token is an error that names it.
+Follows the official rules (reference §3), except that a span maps to tokens by character overlap: the official
+``create_positive_map`` retries start+1/+2 and silently skips a span that still maps to nothing; here spans may
+start or end inside a word, and a span that covers no token is an error that names it.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ MAX_TEXT_LEN = 256  # MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN
 
 
 def clean_name(name: str) -> str:
-    """The official class-name cleaning: drop "(...)", "_" → " ", collapse double spaces."""
+    """The official class-name cleaning."""
     name = re.sub(r"\(.*\)", "", name)
     name = name.replace("_", " ")
     name = name.replace("  ", " ")
@@ -79,7 +77,6 @@ def phrases_from_caption(caption: str, separator: str = ".") -> Prompt:
 
 
 def validate_spans(caption: str, spans: Iterable, where: str = "prompt") -> None:
-    """Every span must be a non-empty [start, end) inside the caption."""
     n = len(caption)
     for p, phrase_spans in enumerate(spans):
         for s, e in phrase_spans:
@@ -96,13 +93,7 @@ def spans_to_token_map(
     num_tokens: int,
     where: str = "prompt",
 ) -> Tensor:
-    """Binary (P, num_tokens) map: phrase p → the tokens whose characters overlap any of its spans.
-
-    ``offsets`` is the tokenizer's ``offset_mapping`` for this caption ((0, 0) for special tokens). A token
-    overlaps a span [s, e) when token_start < e and token_end > s, so a span that starts or ends inside a word
-    still takes the word-piece(s) it touches. A span that overlaps no token (e.g. it lies past a truncation)
-    raises ``GLIPInputError`` naming it.
-    """
+    """Binary (P, num_tokens) map: phrase p → the tokens whose characters (``offset_mapping``) overlap its spans."""
     validate_spans(caption, spans, where)
     out = torch.zeros(len(spans), num_tokens)
     tok = [(int(a), int(b)) for a, b in offsets[:num_tokens]]
@@ -123,11 +114,7 @@ def spans_to_token_map(
 
 def chunk_names(names: Sequence[str], tokenizer, max_len: int = MAX_TEXT_LEN, max_per_chunk: int | None = None,
                 separator: str = SEPARATOR) -> list:
-    """Split class names into consecutive chunks whose prompts fit ``max_len`` tokens ([CLS]/[SEP] included).
-
-    Packs as many names per chunk as fit (or at most ``max_per_chunk``, e.g. the official 40 for LVIS).
-    Returns a list of lists of indices into ``names``.
-    """
+    """Indices of ``names`` in consecutive chunks whose prompts fit ``max_len`` tokens (official LVIS: at most 40)."""
     if len(names) == 0:
         raise GLIPInputError("empty prompt: no class names given")
     sep_len = len(tokenizer(separator.strip(), add_special_tokens=False)["input_ids"])
@@ -138,13 +125,7 @@ def chunk_names(names: Sequence[str], tokenizer, max_len: int = MAX_TEXT_LEN, ma
 def pack_lengths(lengths: Sequence[int], sep_len: int, max_len: int = MAX_TEXT_LEN,
                  max_per_chunk: int | None = None, texts: Sequence[str] | None = None,
                  what: str = "phrase") -> list:
-    """Greedy token-budget packing shared by ``chunk_names`` and ``eval.chunked.chunk_prompt``.
-
-    ``lengths[i]`` is item i's token count without special tokens, ``sep_len`` the separator's; each chunk holds
-    consecutive items, costs 2 ([CLS]/[SEP]) + Σ lengths + sep_len between items, stays ≤ ``max_len`` and holds
-    at most ``max_per_chunk`` items. Returns a list of lists of indices. ``texts``/``what`` only name an item
-    that alone is too long in the error.
-    """
+    """Greedy packing of items of ``lengths`` tokens (without [CLS]/[SEP]) into chunks of at most ``max_len``."""
     chunks, cur, used = [], [], 2  # [CLS] and [SEP]
     for i, n_tok in enumerate(lengths):
         if n_tok + 2 > max_len:

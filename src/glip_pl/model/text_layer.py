@@ -1,17 +1,9 @@
 """Extra BERT encoder layer on the text features inside each DyHead block (reference §1.5.2).
 
-Shape legend: B batch, T text tokens, D text width (hidden, 768), h heads, e = D / h head width, F FFN width.
-
-Attribute names are HF BERT's (``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``,
-``intermediate.dense``, ``output.{dense,LayerNorm}``) so the official ``rpn.head.dyhead_tower.{3i+1}.*`` keys
-load by a prefix rename (reference §8). Initialisation is PyTorch's default for Linear/LayerNorm: the official
-layer never calls BERT's ``init_weights`` (reference §1.5.2, §9.4).
-
-Clamps (official ``clamp_values``, ±50000): attention scores before the mask (plain path only); the FFN
-intermediate before and after GELU; the output dense before and after the residual LayerNorm. The fused path
-(``use_sdpa``) leaves out the score clamp; it is the same function whenever every |score| ≤ 50000 (a clamp
-that does not act), and masking with −inf (SDPA) or the dtype's most negative number (plain) both give padded
-keys zero probability — see ``fusion.py`` for the longer argument. The FFN clamps run in both paths.
+Attribute names are HF BERT's, so the official ``rpn.head.dyhead_tower.{3i+1}.*`` keys load by a prefix rename
+(reference §8). Initialisation is PyTorch's default: the official layer never calls BERT's ``init_weights``
+(reference §1.5.2, §9.4). The ±50000 clamps are the official ``clamp_values``; the fused path (``use_sdpa``)
+leaves out the score clamp, the same function whenever it would not act (see ``fusion.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +25,7 @@ class _SelfAttention(nn.Module):
         if hidden % heads:
             raise ValueError(f"hidden {hidden} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, hidden // heads
-        # a module rather than a float so that switching every nn.Dropout off (p = 0) switches this one off too;
-        # its p is read at each call and handed to SDPA / F.dropout (a p of 0 draws no random numbers)
+        # A module, not a float, so that switching every nn.Dropout off (p = 0) switches this one off too.
         self.dropout, self.use_sdpa = nn.Dropout(dropout), use_sdpa
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
@@ -42,17 +33,16 @@ class _SelfAttention(nn.Module):
 
     def _split(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
-        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B,h,T,e)
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: Tensor, text_mask: Tensor) -> Tensor:
-        """x (B,T,D), text_mask (B,T) bool -> context (B,T,D)."""
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
         keep = text_mask.bool()[:, None, None, :]  # (B,1,1,T): padded keys are masked, queries are not
         p = self.dropout.p if self.training and self.dropout.training else 0.0
         if self.use_sdpa:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
         else:
-            scores = _clamp(torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5)  # (B,h,T,T)
+            scores = _clamp(torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5)
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
             ctx = torch.matmul(F.dropout(scores.softmax(dim=-1), p, self.training), v)
         b, _, t, _ = ctx.shape
@@ -128,5 +118,4 @@ class IdentityTextLayer(nn.Module):
     """No extra text layer (official ``DummyLayer``): returns the text features unchanged."""
 
     def forward(self, text: Tensor, text_mask: Tensor) -> Tensor:
-        """text (B,T,D), text_mask (B,T) -> text."""
         return text

@@ -1,6 +1,6 @@
 """Typed contracts between the stages of the model (DESIGN.md practice 8).
 
-Shape legend used across ``glip_pl.model``:
+Shape legend of every file in ``glip_pl.model`` (a file names only the letters it adds):
   B batch, L FPN levels (5: P3..P7), C channels (256 for T/L), N = sum_l H_l*W_l locations (one anchor each),
   T text tokens (padded to the longest prompt of the batch), D text width (768 for BERT-base), M boxes per
   image (padded to the largest count of the batch), P phrases of a prompt.
@@ -20,7 +20,6 @@ class GLIPInputError(ValueError):
 
 
 def _to(obj, device=None, dtype=None):
-    """Move every tensor field of a dataclass; floating tensors also take ``dtype`` when given."""
     changes = {}
     for f in fields(obj):
         v = getattr(obj, f.name)
@@ -64,17 +63,12 @@ class TextInputs:
 
 @dataclass
 class Targets:
-    """Ground truth of a batch, padded per image to M boxes.
+    """Ground truth of a batch, padded per image to M boxes, in pixels of the (resized, padded) network input.
 
-    boxes are x1, y1, x2, y2 in pixels of the (resized, padded) network input; ``positive_map`` says which text
-    tokens each box grounds (binary, as the official collator makes it, GLIP §3.1).
-
-    Optional ignore regions (pseudo labels, ``glip_pl.label``): an anchor whose centre lies inside
-    ``ignore_boxes[b, k]`` takes no negative token loss on the tokens of ``ignore_map[b, k]`` (where the teacher was
-    unsure, an object it missed must not train as background for its phrase). None when the batch has none.
-
-    Optional ``box_weight`` (B, M): how much box m counts in the box regression and centerness losses (1 as gold,
-    0 for a box that only trains the token loss, e.g. a pseudo box placed less exactly than a human's). None = all 1.
+    ``positive_map`` is binary, as the official collator makes it (GLIP §3.1). Ignore regions come from pseudo
+    labels: an anchor whose centre lies inside ``ignore_boxes[b, k]`` takes no negative token loss on the tokens
+    of ``ignore_map[b, k]``, so an object the teacher missed does not train as background for its phrase.
+    ``box_weight`` 0 lets a box train only the token loss (a pseudo box placed less exactly than a human's).
     """
 
     boxes: Tensor  # (B, M, 4) float
@@ -89,7 +83,7 @@ class Targets:
         return _to(self, device, dtype)
 
     def with_text_length(self, length: int) -> "Targets":
-        """Pad (or cut: only all-zero columns) the token dimension of positive_map / ignore_map to ``length``."""
+        """Pad (or cut, only all-zero columns) the token dimension of the maps to ``length``."""
         changes = {}
         for name in ("positive_map", "ignore_map"):
             m = getattr(self, name)

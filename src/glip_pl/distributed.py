@@ -54,12 +54,8 @@ def gather_objects(items: list, timeout_s: float | None = None) -> list:
 
 
 def gather_on_rank0(obj) -> list | None:
-    """Every rank's ``obj`` on rank 0 (``gather_object``); the other ranks get None. Without a process group:
-    ``[obj]``.
-
-    Only a gather, no barrier after it: the other ranks go on while rank 0 scores, so a long evaluation on rank 0
-    does not hold them at a collective past its timeout.
-    """
+    """Every rank's ``obj`` on rank 0, None on the others; ``[obj]`` without a process group. No barrier after it,
+    so a long evaluation on rank 0 does not hold the other ranks at a collective past its timeout."""
     if not is_dist() or torch.distributed.get_world_size() == 1:
         return [obj]
     out = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None

@@ -8,8 +8,8 @@
 * ``zero`` / ``dcp`` / ``consolidate``: sharded DeepSpeed ZeRO and FSDP2 directories → one glip_pl file.
 * ``cli_official`` / ``cli_consolidate``: ``glip-pl import-official`` / ``export-official`` / ``consolidate``.
 
-Every file is read with ``torch.load(weights_only=True)`` (or an allow-listed unpickler for DCP metadata); a file
-that needs more is refused with a ``CheckpointError`` naming it. Nothing here imports Lightning.
+Every file is read with ``torch.load(weights_only=True)`` (DCP metadata through an allow-list); a file that needs
+more is refused, naming it. Nothing here imports Lightning.
 """
 
 from importlib import import_module

@@ -1,10 +1,6 @@
-"""``glip-pl consolidate``: a DeepSpeed ZeRO checkpoint directory (``zero``) or an FSDP2
-``torch.distributed.checkpoint`` directory (``dcp``) → one fp32 file that glip_pl loads for evaluation, prediction
-or as a teacher (``load_glip_checkpoint``, ``Predictor.from_checkpoint``, ``GLIPLitModule(init_weights=...)``) and
-Lightning's ``load_from_checkpoint`` too.
-
-The written file keeps only what a weights file needs: ``state_dict`` (``model.``-prefixed, as GLIPLitModule's),
-``hyper_parameters`` (preset, model_options), ``glip_pl_config``, step and epoch — no loop or callback state.
+"""A sharded DeepSpeed ZeRO (``zero``) or FSDP2 (``dcp``) checkpoint directory → one fp32 file that every glip_pl
+reader and Lightning's ``load_from_checkpoint`` load. It keeps only what a weights file needs (``model.``-prefixed
+``state_dict``, ``hyper_parameters``, ``glip_pl_config``, step, epoch), no loop or callback state.
 """
 
 from __future__ import annotations

@@ -1,29 +1,6 @@
-"""The official GLIP (microsoft/GLIP) state-dict names ⇄ glip_pl's, and the official buffers glip_pl recomputes.
-
-Naming rules (official, ``module.`` stripped → glip_pl; reference §8, ``docs/official_compat.md``):
-
-====================================================  ==================================================
-official                                              glip_pl
-====================================================  ==================================================
-backbone.body.patch_embed.*                           backbone.body.swin.patch_embed.*
-backbone.body.layers.{i}.blocks.{j}.*                 backbone.body.swin.layers_{i}.blocks.{j}.*
-backbone.body.layers.{i}.downsample.*  (i = 0..2)     backbone.body.swin.layers_{i+1}.downsample.*
-backbone.body.norm{1,2,3}.*                           backbone.body.norm{1,2,3}.*
-backbone.fpn.fpn_inner{2,3,4}.*                       backbone.fpn.inner_blocks.{0,1,2}.0.*
-backbone.fpn.fpn_layer{2,3,4}.*                       backbone.fpn.layer_blocks.{0,1,2}.0.*
-backbone.fpn.top_blocks.p{6,7}.*                      backbone.fpn.extra_blocks.p{6,7}.*
-language_backbone.body.model.*                        language_backbone.model.*
-rpn.head.dyhead_tower.{n}.*   (deep fusion: T, L)     head.dyhead_tower.{n}.*
-rpn.head.dyhead_tower.{k}.*   (no fusion: T(A))       head.dyhead_tower.{3k+2}.*
-rpn.head.*  (other)                                   head.*
-====================================================  ==================================================
-
-Ignored on import, each with its reason (and re-created on export where the official model has them):
-``attn.relative_position_index`` (Swin buffer, recomputed by timm from the window size; checked equal),
-``attn_mask`` (shift masks, recomputed per input size), ``embeddings.position_ids`` (arange buffer of older
-transformers), ``pooler.*`` (BERT pooler, unused by GLIP), ``rpn.head.cls_logits.*`` (the frozen, unused
-80-class conv; exported as zeros with the prior bias), ``rpn.anchor_generator.cell_anchors.*`` (recomputed from
-strides/sizes with the +1 convention; checked equal). Anything else missing or unexpected is an error.
+"""The official GLIP (microsoft/GLIP) state-dict names ⇄ glip_pl's, and the official buffers glip_pl recomputes
+instead of loading (``IGNORE_REASONS``; checked equal on import, re-created on export). The rules as a table, with
+their reasons: ``docs/official_compat.md`` (reference §8).
 """
 
 from __future__ import annotations

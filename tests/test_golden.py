@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from glip_pl.official import import_official, load_glip_checkpoint
+from glip_pl.checkpoints import import_official, load_glip_checkpoint
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 GOLDEN = REFERENCE / "golden"

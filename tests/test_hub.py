@@ -25,7 +25,7 @@ from glip_pl.hub import (
 from glip_pl.model.backbone import SwinBody
 from glip_pl.model.presets import get_config
 from glip_pl.model.types import GLIPInputError
-from glip_pl.official import load_glip_checkpoint
+from glip_pl.checkpoints import load_glip_checkpoint
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 

@@ -93,7 +93,7 @@ except ImportError:
 
 from glip_pl.cli import main
 from glip_pl.model import build_glip
-from glip_pl.official import FORMAT, FORMAT_VERSION
+from glip_pl.checkpoints import FORMAT, FORMAT_VERSION
 
 torch.manual_seed(0)
 model = build_glip("tiny").eval()

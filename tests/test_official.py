@@ -6,24 +6,21 @@ imported model across save/load."""
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 from official_listing import read_listing
 
-from glip_pl.model.glip import BGR255_MEAN, BGR255_STD, build_glip
-from glip_pl.official import (
-    OfficialCheckpointError,
+from glip_pl.checkpoints import CheckpointError, load_glip_checkpoint
+from glip_pl.checkpoints.official import (
     export_official,
     glip_to_official,
     import_official,
-    load_glip_checkpoint,
     load_official_state_dict,
-    official_cell_anchors,
     official_to_glip,
-    relative_position_index,
 )
+from glip_pl.checkpoints.official_names import official_cell_anchors, relative_position_index
+from glip_pl.model.glip import BGR255_MEAN, BGR255_STD, build_glip
 
 LISTINGS = {"glip_t": "glip_t_state_dict.txt", "glip_t_a": "glip_t_a_state_dict.txt", "glip_l": "glip_l_state_dict.txt"}
 # reference §1.5.4: official cell anchors (TO_REMOVE=1) of P3..P7
@@ -151,13 +148,13 @@ def test_missing_unexpected_and_wrong_preset_raise_with_the_list():
     broken = dict(sd)
     del broken["rpn.head.bias0"]
     broken["rpn.head.something_new"] = torch.empty(3, device="meta")
-    with pytest.raises(OfficialCheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         official_to_glip(broken, "glip_t_a")
     msg = str(e.value)
     assert "head.bias0" in msg and "rpn.head.something_new" in msg and "MISSING" in msg and "UNEXPECTED" in msg
-    with pytest.raises(OfficialCheckpointError, match="SHAPE MISMATCH|UNEXPECTED"):
+    with pytest.raises(CheckpointError, match="SHAPE MISMATCH|UNEXPECTED"):
         official_to_glip(sd, "glip_t")  # a T(A) checkpoint is not a GLIP-T one
-    with pytest.raises(OfficialCheckpointError, match="SHAPE MISMATCH"):
+    with pytest.raises(CheckpointError, match="SHAPE MISMATCH"):
         official_to_glip(random_official("glip_t", device="meta"), "glip_l")
     _, rep = official_to_glip(broken, "glip_t_a", strict=False)
     assert rep.missing == ["head.bias0"] and rep.unexpected == ["rpn.head.something_new"]
@@ -178,7 +175,7 @@ def test_known_extras_are_ignored_with_reason_and_bad_buffers_refused():
                      ("language_backbone.body.model.embeddings.position_ids", torch.arange(512).flip(0).view(1, 512))]:
         wrong = dict(sd)
         wrong[key] = bad
-        with pytest.raises(OfficialCheckpointError, match="INVALID"):
+        with pytest.raises(CheckpointError, match="INVALID"):
             official_to_glip(wrong, "glip_t_a")
 
 
@@ -201,10 +198,10 @@ class NotATensor:  # a pickled Python object: weights_only refuses it
 def test_loading_is_weights_only_and_refuses_pickled_objects(tmp_path, tiny_official):
     path = tmp_path / "unsafe.pth"
     official_file(path, tiny_official, cfg=NotATensor())
-    with pytest.raises(OfficialCheckpointError, match="refuses to unpickle arbitrary objects") as e:
+    with pytest.raises(CheckpointError, match="refuses to unpickle arbitrary objects") as e:
         load_official_state_dict(path)
     assert "weights_only" in str(e.value) and str(path) in str(e.value)
-    with pytest.raises(OfficialCheckpointError, match="refuses to unpickle"):
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
         import_official(path, tmp_path / "x.ckpt", "tiny")
     assert not (tmp_path / "x.ckpt").exists()
 
@@ -222,7 +219,7 @@ def test_layouts_ema_module_prefix_and_bare(tmp_path, tiny_official):
     bare = tmp_path / "bare.pth"
     torch.save(tiny_official, bare)  # no "model", no prefix
     assert set(load_official_state_dict(bare)) == set(tiny_official)
-    with pytest.raises(OfficialCheckpointError, match="model_ema"):
+    with pytest.raises(CheckpointError, match="model_ema"):
         load_official_state_dict(bare, use_ema=True)
     import_official(full, tmp_path / "ema.ckpt", "tiny", use_ema=True)
     model = load_glip_checkpoint(tmp_path / "ema.ckpt")
@@ -263,13 +260,13 @@ def test_glip_checkpoint_other_preset_or_shape_is_a_clear_error(tmp_path, tiny_o
     import_official(src, ckpt, "tiny")
     obj = torch.load(ckpt, weights_only=True)
     assert obj["format"] == "glip_pl" and obj["preset"] == "tiny" and obj["config"]["official_compat"] is True
-    with pytest.raises(OfficialCheckpointError, match="preset 'tiny', but 'glip_t' was asked"):
+    with pytest.raises(CheckpointError, match="preset 'tiny', but 'glip_t' was asked"):
         load_glip_checkpoint(ckpt, preset="glip_t")
     obj["state_dict"]["head.bias_lang"] = torch.zeros(5)
     torch.save(obj, tmp_path / "bad.ckpt")
-    with pytest.raises(OfficialCheckpointError, match=r"head\.bias_lang: checkpoint \(5,\) vs model \(64,\)"):
+    with pytest.raises(CheckpointError, match=r"head\.bias_lang: checkpoint \(5,\) vs model \(64,\)"):
         load_glip_checkpoint(tmp_path / "bad.ckpt")
-    with pytest.raises(OfficialCheckpointError, match="official GLIP checkpoint; convert it first"):
+    with pytest.raises(CheckpointError, match="official GLIP checkpoint; convert it first"):
         load_glip_checkpoint(src)
 
 
@@ -378,7 +375,8 @@ def test_official_module_imports_no_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, glip_pl.official, glip_pl.official_cli;"
+    code = ("import sys, glip_pl.checkpoints.official, glip_pl.checkpoints.cli_official, "
+            "glip_pl.checkpoints.consolidate, glip_pl.checkpoints.cli_consolidate;"
             "bad=[k for k in sys.modules if k.split('.')[0] in ('lightning','pytorch_lightning','deepspeed')];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

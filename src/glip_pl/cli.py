@@ -1,6 +1,7 @@
 """The ``glip-pl`` command: one sub-command per job.
 
-Each sub-command lives in the module that owns the job and exposes ``register(subparsers)``, which adds its
+Each sub-command lives in the package that owns the job, in its ``cli.py`` or a ``cli_<command>.py`` beside it
+(``eval/cli_predict.py``, ``checkpoints/cli_official.py``), and exposes ``register(subparsers)``, which adds its
 parser and sets ``func`` (called with the parsed namespace; returns an exit code). Modules are imported lazily so
 ``glip-pl --help`` stays fast and a missing optional dependency only affects its own command: running a command
 whose extra is not installed prints one line naming the extra (exit status 2) instead of a traceback.
@@ -19,11 +20,11 @@ COMMANDS = {
     "demo": "glip_pl.demo",
     "evaluate": "glip_pl.eval.cli",
     "predict": "glip_pl.eval.cli_predict",
-    "odinw": "glip_pl.eval.odinw",
-    "import-official": "glip_pl.official_cli",
+    "odinw": "glip_pl.eval.cli_odinw",
+    "import-official": "glip_pl.checkpoints.cli_official",
     "pseudo-label": "glip_pl.label.cli",
     "pseudo-score": "glip_pl.label.score",
-    "consolidate": "glip_pl.lit.consolidate",
+    "consolidate": "glip_pl.checkpoints.cli_consolidate",
 }
 
 

@@ -1,4 +1,5 @@
-"""Distributed helpers in one place (DESIGN.md practice 10): object gathering and rank queries.
+"""Distributed helpers in one place (DESIGN.md practice 10): object gathering (to every rank or to rank 0) and rank
+queries.
 
 Nothing in ``glip_pl.model`` imports this module.
 """
@@ -50,3 +51,13 @@ def gather_objects(items: list, timeout_s: float | None = None) -> list:
     out: list = [None] * world_size()
     torch.distributed.all_gather_object(out, list(items))
     return [x for part in out for x in part]
+
+
+def gather_on_rank0(obj) -> list | None:
+    """Every rank's ``obj`` on rank 0, None on the others; ``[obj]`` without a process group. No barrier after it,
+    so a long evaluation on rank 0 does not hold the other ranks at a collective past its timeout."""
+    if not is_dist() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out

@@ -143,7 +143,7 @@ def official_checkpoint(name: str, use_ema: bool = False) -> str:
     Named after the downloaded blob (its content hash), or the snapshot's revision where the cache holds copies
     instead of links, so a changed upstream file is converted again.
     """
-    from .official import import_official
+    from .checkpoints.official import import_official
 
     w = official_weights(name)
     src = resolve_official(name)

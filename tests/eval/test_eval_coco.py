@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from glip_pl.eval.coco import METRIC_NAMES, CocoEvaluator, CocoEvalError, detections_to_coco, evaluate_coco
+from glip_pl.eval.coco import METRIC_NAMES, CocoEvaluator, detections_to_coco, evaluate_coco
+from glip_pl.eval.detections import CocoEvalError
 from glip_pl.model.types import Detections
 
 
@@ -176,7 +177,7 @@ def test_evaluator_only_seen_images():
 
 def test_prompt_override_and_templates():
     """ODinW style: class names overridden, and a template per class where only the name is the phrase."""
-    from glip_pl.eval.coco import category_prompt_names, templated_prompt
+    from glip_pl.eval.category_prompts import category_prompt_names, templated_prompt
 
     gt, _ = make_fixture(0)
     ids, names = category_prompt_names(gt, override={3: "automobile", "remote control": "remote"})
@@ -190,7 +191,7 @@ def test_prompt_override_and_templates():
 
 def test_templated_chunks_keep_templates(tokenizer):
     from glip_pl.eval.chunked import caption_tokens
-    from glip_pl.eval.coco import templated_chunks
+    from glip_pl.eval.category_prompts import templated_chunks
 
     names = [f"thing number {i}" for i in range(50)]
     templates = ["a photo of a {} on the table"] * 50
@@ -202,3 +203,46 @@ def test_templated_chunks_keep_templates(tokenizer):
         assert [c.prompt.caption[s:e] for (s, e), in c.prompt.spans] == [names[i] for i in c.index]
     (one,) = templated_chunks(names[:3], None, tokenizer)
     assert one.prompt.caption == "thing number 0. thing number 1. thing number 2"
+
+
+def _two_rank_compute(rank: int, port: int, out_dir: str):
+    """One of two gloo ranks: each updates its half (plus a padded repeat) and computes with the default gather."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        gt, _ = make_fixture(1)
+        order = [1, 3, 9]
+        per_img = _as_model_dets(gt, make_fixture(1)[1], order)
+        ids = sorted(per_img)
+        mine = ids[:2] if rank == 0 else ids[2:] + ids[:1]
+        ev = CocoEvaluator(gt)
+        ev.update(mine, [per_img[i] for i in mine], order)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(ev.compute(), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluator_gathers_real_ranks_to_rank0(tmp_path):
+    """Two real gloo processes: rank 0 scores every image once (equal to one shot), rank 1 gets {} (the default
+    gather is ``glip_pl.distributed.gather_on_rank0``)."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_compute, args=(port, str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    gt, dets = make_fixture(1)
+    ref = evaluate_coco(gt, dets, verbose=False)
+    assert got[1] == {}
+    for k in METRIC_NAMES:
+        assert got[0][k] == pytest.approx(ref[k], abs=1e-9), k

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glip_pl.eval.coco import METRIC_NAMES, evaluate_model_coco
+from glip_pl.eval.coco import METRIC_NAMES
+from glip_pl.eval.zero_shot import evaluate_model_coco
 from glip_pl.eval.flickr import evaluate_model_flickr
 from glip_pl.eval.lvis import LVIS_METRICS, evaluate_model_lvis
 from glip_pl.eval.predictor import Predictor

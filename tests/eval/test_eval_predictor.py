@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from glip_pl.eval.predictor import Predictor, register_checkpoint_loader, resized_size
+from glip_pl.checkpoints import write_glip_checkpoint
+from glip_pl.checkpoints.glip import DEFAULT_LOADERS
+from glip_pl.eval.predictor import Predictor, resized_size
 from glip_pl.model.prompts import phrases_from_caption
 
 POST = dict(score_thresh=0.0)
@@ -104,24 +106,24 @@ def test_from_checkpoint_dispatches_to_loaders(model, tmp_path):
 
     p = Predictor.from_checkpoint(ckpt, loader=loader, min_size=64)
     assert p.model is model and seen == [str(ckpt)] and p.min_size == 64
-    register_checkpoint_loader("test-loader", loader, first=True)
-    try:
-        assert Predictor.from_checkpoint(ckpt).model is model  # registered loaders are tried in order
-    finally:
-        from glip_pl.eval import predictor as mod
-
-        mod.CHECKPOINT_LOADERS.pop("test-loader")
+    mine = {"test-loader": loader, **DEFAULT_LOADERS}
+    assert Predictor.from_checkpoint(ckpt, loaders=mine).model is model  # loaders are tried in order
+    assert Predictor.from_checkpoint(ckpt, loader="test-loader", loaders=mine).model is model
+    assert list(DEFAULT_LOADERS) == ["glip_pl"]
+    with pytest.raises(TypeError):  # no process-wide registry that one caller's loader could change for all
+        DEFAULT_LOADERS["test-loader"] = loader
     from glip_pl.model.types import GLIPInputError
 
     with pytest.raises(GLIPInputError, match="no loader could read it"):
         Predictor.from_checkpoint(ckpt)
+    with pytest.raises(GLIPInputError, match="unknown checkpoint loader 'test-loader'"):
+        Predictor.from_checkpoint(ckpt, loader="test-loader")
     with pytest.raises(GLIPInputError, match="no such file"):
         Predictor.from_checkpoint(tmp_path / "missing.ckpt")
 
 
 def test_predict_cli_writes_json_and_png(model, image, tmp_path, capsys):
     from glip_pl.cli import main
-    from glip_pl.eval import predictor as mod
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -129,13 +131,9 @@ def test_predict_cli_writes_json_and_png(model, image, tmp_path, capsys):
     image.resize((40, 60)).save(folder / "two.jpg")
     (folder / "notes.txt").write_text("not an image")
     ckpt = tmp_path / "m.ckpt"
-    ckpt.write_bytes(b"x")
-    register_checkpoint_loader("cli-test", lambda path: model, first=True)
-    try:
-        rc = main(["predict", "--ckpt", str(ckpt), "--image", str(folder), "--prompt", "a cat. a remote control",
-                   "--out", str(tmp_path / "out"), "--threshold", "0.0", "--min-size", "64", "--max-size", "100"])
-    finally:
-        mod.CHECKPOINT_LOADERS.pop("cli-test")
+    write_glip_checkpoint(ckpt, "tiny", model.cfg, model.state_dict())
+    rc = main(["predict", "--ckpt", str(ckpt), "--image", str(folder), "--prompt", "a cat. a remote control",
+               "--out", str(tmp_path / "out"), "--threshold", "0.0", "--min-size", "64", "--max-size", "100"])
     assert rc == 0
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["one.png.json", "one.png.png", "predictions.json", "two.jpg.json",
@@ -154,7 +152,7 @@ def test_predict_cli_writes_json_and_png(model, image, tmp_path, capsys):
 
 
 def test_from_checkpoint_default_loader_reads_glip_pl_model_files(model, image, tmp_path):
-    """The default loader (glip_pl.official.load_glip_checkpoint) rebuilds the model a glip_pl file describes."""
+    """The default loader (glip_pl.checkpoints.load_glip_checkpoint) rebuilds the model a glip_pl file describes."""
     from dataclasses import asdict
 
     path = tmp_path / "tiny.pt"

@@ -72,7 +72,7 @@ def odinw(*args):
 
 def alone(ckpt, root, set_name, split, drop_background=False):
     """The set scored on its own through ``evaluate_model_coco`` (the reference the command must equal)."""
-    from glip_pl.eval.coco import evaluate_model_coco
+    from glip_pl.eval.zero_shot import evaluate_model_coco
     from glip_pl.eval.predictor import Predictor
 
     folder = root / set_name / split

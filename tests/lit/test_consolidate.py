@@ -16,8 +16,8 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from glip_pl.lit.consolidate import consolidate_zero_checkpoint  # noqa: E402
-from glip_pl.official import OfficialCheckpointError  # noqa: E402
+from glip_pl.checkpoints.consolidate import consolidate_zero_checkpoint  # noqa: E402
+from glip_pl.checkpoints import CheckpointError  # noqa: E402
 
 WORLD = 2
 # One rank of the 2-process job. ZeRO-2 runs in bf16, so the module's own copy of each weight (bf16) differs from
@@ -139,7 +139,7 @@ def test_consolidated_weights_are_the_fp32_master_weights(zero_ckpts, stage, tmp
     if stage == 2:  # the module's bf16 copy is not what was consolidated
         assert all(not torch.equal(sd[k], ref["module"][k].float()) for k in masters)
 
-    from glip_pl.official import load_glip_checkpoint
+    from glip_pl.checkpoints import load_glip_checkpoint
 
     model = load_glip_checkpoint(out)
     assert model.cfg.num_blocks == 1
@@ -180,7 +180,7 @@ def test_a_code_running_member_in_any_file_is_refused_naming_the_file(zero_ckpts
     inner["evil"] = Evil(marker)
     torch.save(d, target)
 
-    with pytest.raises(OfficialCheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         consolidate_zero_checkpoint(zero, tmp_path / "out.ckpt")
     msg = str(e.value)
     assert str(target) in msg and "refused" in msg and "\n" not in msg
@@ -200,14 +200,14 @@ def test_a_missing_rank_file_is_a_clear_error(zero_ckpts, tmp_path):
     zero = tmp_path / "last.ckpt"
     shutil.copytree(zero_ckpts / "zero2", zero)
     (zero / "checkpoint" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(OfficialCheckpointError, match="a checkpoint of 2 ranks but 1"):
+    with pytest.raises(CheckpointError, match="a checkpoint of 2 ranks but 1"):
         consolidate_zero_checkpoint(zero, tmp_path / "out.ckpt")
 
 
 def test_consolidate_refuses_a_file_and_needs_a_preset(tmp_path):
     f = tmp_path / "x.ckpt"
     f.write_bytes(b"")
-    with pytest.raises(OfficialCheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="not a directory"):
         consolidate_zero_checkpoint(f, tmp_path / "out.ckpt")
 
 
@@ -228,12 +228,12 @@ def _hand_zero3(tmp_path, extra: int = 0):
 
 
 def test_zero3_partitions_are_joined_per_parameter(tmp_path):
-    from glip_pl.lit.consolidate import read_zero_checkpoint
+    from glip_pl.checkpoints.zero import read_zero_checkpoint
 
     sd, _ = read_zero_checkpoint(_hand_zero3(tmp_path))
     assert torch.equal(sd["a"], torch.tensor([0.0, 1.0, 2.0]))
     assert torch.equal(sd["b"], torch.tensor([[10.0, 11.0], [12.0, 13.0]]))
     assert torch.equal(sd["buf"], torch.tensor([7])) and sd["a_tied"] is sd["a"]
 
-    with pytest.raises(OfficialCheckpointError, match="do not belong together"):
+    with pytest.raises(CheckpointError, match="do not belong together"):
         read_zero_checkpoint(_hand_zero3(tmp_path / "x", extra=2))

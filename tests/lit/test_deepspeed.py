@@ -176,8 +176,8 @@ def test_zero2_zero3_groups_losses_and_consolidated_round_trip(tmp_path):
         assert all(n.startswith("model.language_backbone.") == g["name"].startswith("language") for n in g["params"])
     assert sum(len(g["params"]) for g in expected) == 184  # every parameter of tiny with one block, once
 
-    from glip_pl.lit.consolidate import consolidate_zero_checkpoint
-    from glip_pl.official import load_glip_checkpoint
+    from glip_pl.checkpoints.consolidate import consolidate_zero_checkpoint
+    from glip_pl.checkpoints import load_glip_checkpoint
 
     ref = torch.load(tmp_path / "torch.pt", weights_only=True)
     init = torch.load(tmp_path / "init.pt", weights_only=True)

@@ -97,7 +97,7 @@ def test_fit_validate_checkpoint_and_resume(tmp_path, synthetic_shards):
     assert "[glip_pl] checkpoint step 9: val box AP" in r3.stdout, r3.stdout[-2000:]
 
     # the Lightning checkpoint serves the predictor / teacher path too
-    from glip_pl.official import load_glip_checkpoint
+    from glip_pl.checkpoints import load_glip_checkpoint
 
     model = load_glip_checkpoint(ckdir / "last.ckpt")
     assert model.cfg.num_blocks == 2

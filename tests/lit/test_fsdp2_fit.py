@@ -193,7 +193,7 @@ def test_fsdp2_trains_as_ddp_and_resumes_exactly(runs):
 
 def test_fsdp2_checkpoint_consolidates_to_one_loadable_file(runs, tmp_path):
     from glip_pl.cli import main
-    from glip_pl.official import load_glip_checkpoint
+    from glip_pl.checkpoints import load_glip_checkpoint
 
     tmp = runs[0]
     out = tmp_path / "consolidated.ckpt"

@@ -106,7 +106,7 @@ def _dcp_dir(tmp_path, extra=None):
 
 def test_consolidate_a_dcp_directory(tmp_path):
     from glip_pl.cli import main
-    from glip_pl.official import load_glip_checkpoint
+    from glip_pl.checkpoints import load_glip_checkpoint
 
     d, lit = _dcp_dir(tmp_path)
     out = tmp_path / "one.ckpt"
@@ -119,8 +119,8 @@ def test_consolidate_a_dcp_directory(tmp_path):
 
 
 def test_untrusted_dcp_directories_are_refused(tmp_path, monkeypatch):
-    from glip_pl.lit.consolidate import consolidate_dcp_checkpoint
-    from glip_pl.lit.dcp import check_dcp_checkpoint
+    from glip_pl.checkpoints.consolidate import consolidate_dcp_checkpoint
+    from glip_pl.checkpoints.dcp import check_dcp_checkpoint
 
     marker = tmp_path / "code-ran"
     monkeypatch.setenv("GLIP_PL_TEST_MARKER", str(marker))

@@ -61,8 +61,7 @@ def _finish(args, metrics: dict, table: str = "") -> int:
 
 def _guard(fn):
     def run(args) -> int:
-        from .coco import CocoEvalError
-        from .detections import DetectionsFileError
+        from .detections import CocoEvalError, DetectionsFileError
 
         try:
             return fn(args)
@@ -102,7 +101,7 @@ def _run_lvis(args) -> int:
 
 @_guard
 def _run_flickr(args) -> int:
-    from .coco import CocoEvalError, load_json
+    from .detections import CocoEvalError, load_json
     from .flickr import evaluate_flickr
 
     preds = load_json(args.detections, "predictions")

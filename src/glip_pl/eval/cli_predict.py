@@ -89,7 +89,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-size", type=_int_at_least(1), default=None,
                    help="longer side limit (default: the checkpoint's validation limit, else 1333)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
-    p.add_argument("--loader", default=None, help="name of a registered checkpoint loader (default: try all)")
+    p.add_argument("--loader", default=None,
+                   help="name of a checkpoint loader (glip_pl.checkpoints.glip.DEFAULT_LOADERS; default: try all)")
     p.add_argument("--no-draw", action="store_true", help="write json only")
     p.set_defaults(func=run)
 

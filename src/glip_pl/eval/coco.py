@@ -1,48 +1,28 @@
-"""COCO-style box AP: the 12 standard numbers from faster-coco-eval (or pycocotools), and an accumulator.
+"""COCO-style box AP: the 12 standard numbers from faster-coco-eval (or pycocotools), the table, and
+``CocoEvaluator``, an accumulator for validation loops.
 
-Zero-shot COCO / ODinW as in the paper (reference §6): one prompt made of the class names, labels = phrase
-index, each phrase mapped back to its category id. ``CocoEvaluator`` accumulates detections batch by batch (e.g.
-in a Lightning validation loop), keeps each image once (the distributed sampler pads with repeated images) and
-gathers across ranks through a callable the caller may supply; this module never imports ``torch.distributed`` at
-import time.
+``CocoEvaluator`` accumulates detections batch by batch (labels = phrase index, mapped to category ids), keeps each
+image once (the distributed sampler pads with repeated images) and gathers across ranks to rank 0
+(``glip_pl.distributed.gather_on_rank0``) or through a callable the caller supplies. The zero-shot model loop is in
+``zero_shot``, the class-name prompts in ``category_prompts``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
-import json
 import os
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..model.types import Detections
+from .detections import CocoEvalError, load_json, validate_detections
+from .per_image import PerImage
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 BACKENDS = ("faster", "pycocotools")
-
-
-class CocoEvalError(ValueError):
-    """Ground truth or detections that cannot be scored; the message says which and why."""
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def load_json(obj, what: str = "annotations"):
-    """A path (str/PathLike) → parsed json; a dict/list passes through (deep-copied: the COCO API mutates it)."""
-    if isinstance(obj, (str, os.PathLike)):
-        try:
-            with open(obj, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            raise CocoEvalError(f"{what}: no such file {os.fspath(obj)!r}") from None
-        except json.JSONDecodeError as e:
-            raise CocoEvalError(f"{what}: {os.fspath(obj)!r} is not valid json ({e})") from None
-    return copy.deepcopy(obj)
 
 
 def _coco_class(backend: str):
@@ -76,7 +56,7 @@ def make_coco_gt(gt, backend: str = "faster"):
     return coco
 
 
-def _results(coco_gt, dets: list, backend: str):
+def load_results(coco_gt, dets: list, backend: str):
     """Detections → a results COCO object (``loadRes``), also when there are none."""
     COCO, _ = _coco_class(backend)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -113,10 +93,8 @@ def evaluate_coco(gt, detections, iou_type: str = "bbox", backend: str = "faster
     else:  # shallow copies: loadRes adds fields to the records it is given
         dets = [dict(d) if isinstance(d, dict) else d for d in detections]
     if validate:
-        from .detections import validate_detections
-
         dets = validate_detections(dets, coco_gt.dataset)
-    coco_dt = _results(coco_gt, dets, backend)
+    coco_dt = load_results(coco_gt, dets, backend)
     _, Eval = _coco_class(backend)
     lines: list = []
     buf = io.StringIO()
@@ -233,59 +211,6 @@ def detections_to_coco(dets: Sequence[Detections], image_ids: Sequence, phrase_t
     return out
 
 
-# --------------------------------------------------------------------------------------------- gathering
-
-
-def default_gather(obj):
-    """Objects of every rank on rank 0 (``torch.distributed.gather_object``); other ranks get None.
-
-    Only a gather (no barrier after it): the other ranks go on while rank 0 scores, so a long evaluation on rank 0
-    does not hold them at a collective past its timeout. Without an initialised process group: ``[obj]``.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    rank = dist.get_rank()
-    out = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-class _PerImage:
-    """Per-image storage shared by the accumulators: first result per image id wins (sampler padding repeats)."""
-
-    def __init__(self, gather_fn: Optional[Callable] = None):
-        self.gather_fn = gather_fn
-        self.store: dict = {}
-        self.duplicates = 0
-
-    def add(self, image_id, record) -> None:
-        image_id = int(image_id)
-        if image_id in self.store:
-            self.duplicates += 1
-            return
-        self.store[image_id] = record
-
-    def gathered(self) -> Optional[dict]:
-        """All ranks' records merged (each image once) on the rank that scores; None on the others."""
-        gather = self.gather_fn or default_gather
-        parts = gather(self.store)
-        if parts is None:
-            return None
-        merged: dict = {}
-        for part in parts:
-            if part is None:
-                continue
-            for k, v in part.items():
-                merged.setdefault(int(k), v)
-        return merged
-
-    def reset(self) -> None:
-        self.store.clear()
-        self.duplicates = 0
-
-
 class CocoEvaluator:
     """Accumulate detections, then score them with ``evaluate_coco``.
 
@@ -293,8 +218,8 @@ class CocoEvaluator:
     >>> ev.update(image_ids, detections, phrase_labels)       # per batch; phrase index → category id
     >>> metrics = ev.compute()                                # rank 0: the 12 metrics; other ranks: {}
 
-    ``gather_fn(obj) -> list of every rank's obj`` on the scoring rank and ``None`` elsewhere (default: a
-    ``torch.distributed.gather_object`` to rank 0 when a process group is initialised). Each image id is scored
+    ``gather_fn(obj) -> list of every rank's obj`` on the scoring rank and ``None`` elsewhere (default:
+    ``glip_pl.distributed.gather_on_rank0``). Each image id is scored
     once, whichever rank saw it first. ``only_seen=True`` scores the images that were updated (a partial
     validation pass); False scores every ground-truth image (missing ones count as misses).
     """
@@ -307,7 +232,7 @@ class CocoEvaluator:
         self.only_seen = only_seen
         self.verbose = verbose
         self.print_fn = print_fn
-        self._images = _PerImage(gather_fn)
+        self._images = PerImage(gather_fn)
 
     @property
     def num_images(self) -> int:
@@ -353,125 +278,14 @@ class CocoEvaluator:
                              print_fn=self.print_fn)
 
 
-# --------------------------------------------------------------------------------------------- model runs
-
-
-def category_prompt_names(gt, override: Optional[dict] = None, template: Optional[dict] = None) -> tuple:
-    """(category ids in ``getCatIds`` order, prompt names) of a COCO-format ground truth.
-
-    ``override``: {category id or original name: name to use in the prompt} (ODinW ``OVERRIDE_CATEGORY``);
-    ``template``: {category id or name: "prefix {} suffix"}-style strings — only the name part is a phrase span.
-    """
-    data = gt.dataset if hasattr(gt, "dataset") else load_json(gt, "ground truth")
-    cats = sorted(data.get("categories", []), key=lambda c: c["id"])
-    ids, names = [], []
-    for c in cats:
-        name = c["name"]
-        if override:
-            name = override.get(c["id"], override.get(str(c["id"]), override.get(c["name"], name)))
-        ids.append(int(c["id"]))
-        names.append(name)
-    return ids, names
-
-
-def templated_prompt(names: Sequence[str], templates: Optional[Sequence[Optional[str]]] = None):
-    """A detection prompt where class p reads ``templates[p].format(name)``; only the name is the phrase span.
-
-    E.g. ``"a photo of a {}"``; the paper's prompt-tuning section writes class descriptions this way.
-    """
-    from ..model.prompts import Prompt, SEPARATOR, build_detection_prompt, clean_name
-
-    if templates is None:
-        return build_detection_prompt(list(names))
-    caption, spans, shown = "", [], []
-    for i, (n, t) in enumerate(zip(names, templates)):
-        n = clean_name(n)
-        t = t or "{}"
-        if t.count("{}") != 1:
-            raise CocoEvalError(f"template #{i} ({t!r}) must contain exactly one '{{}}' for the class name")
-        pre, post = t.split("{}")
-        if i:
-            caption += SEPARATOR
-        caption += pre
-        spans.append([(len(caption), len(caption) + len(n))])
-        caption += n + post
-        shown.append(n)
-    return Prompt(caption=caption, spans=spans, names=shown)
-
-
-def templated_chunks(names: Sequence[str], templates: Optional[Sequence[Optional[str]]], tokenizer,
-                     max_len: int = 256) -> list:
-    """``templated_prompt`` split into chunks of whole classes (template words travel with their class) that
-    fit ``max_len`` tokens; one chunk, the prompt verbatim, when it fits."""
-    from ..model.prompts import SEPARATOR, clean_name
-    from .chunked import PromptChunk, caption_tokens
-
-    templates = list(templates) if templates is not None else [None] * len(names)
-    whole = templated_prompt(names, templates if any(templates) else None)
-    if caption_tokens(tokenizer, whole.caption) <= max_len:
-        return [PromptChunk(whole, list(range(len(names))))]
-    sep = len(tokenizer(SEPARATOR.strip(), add_special_tokens=False)["input_ids"])
-    lengths = [len(tokenizer((t or "{}").replace("{}", clean_name(n)), add_special_tokens=False)["input_ids"])
-               for n, t in zip(names, templates)]
-    groups, cur, used = [], [], 2
-    for i, n_tok in enumerate(lengths):
-        if n_tok + 2 > max_len:
-            raise CocoEvalError(f"class #{i} ({names[i]!r}) alone needs {n_tok + 2} > {max_len} tokens")
-        if cur and used + sep + n_tok > max_len:
-            groups.append(cur)
-            cur, used = [], 2
-        used += n_tok + (sep if cur else 0)
-        cur.append(i)
-    groups.append(cur)
-    return [PromptChunk(templated_prompt([names[i] for i in g], [templates[i] for i in g]), g) for g in groups]
-
-
-def evaluate_model_coco(predictor, gt, image_root: Optional[str] = None, image_loader: Optional[Callable] = None,
-                        batch_size: int = 1, max_images: Optional[int] = None, override: Optional[dict] = None,
-                        templates: Optional[dict] = None, backend: str = "faster", verbose: bool = True,
-                        **post) -> dict:
-    """Zero-shot COCO-style evaluation of a model: the class names are the prompt (chunked if too long).
-
-    ``predictor``: a ``glip_pl.eval.Predictor``; images come from ``image_loader(image_record)`` or
-    ``image_root/file_name``. Returns the metrics and keeps the detections under ``"detections"``.
-    """
-    from .predictor import load_image_record
-
-    coco_gt = make_coco_gt(gt, backend)
-    cat_ids, names = category_prompt_names(coco_gt, override)
-    tmpl = None
-    if templates:
-        tmpl = [templates.get(c, templates.get(str(c), templates.get(n))) for c, n in zip(cat_ids, names)]
-    chunks = templated_chunks(names, tmpl, predictor.model.tokenizer, max_len=predictor.max_text_len)
-    images = sorted(coco_gt.dataset["images"], key=lambda r: r["id"])
-    if max_images:
-        images = images[:max_images]
-    ev = CocoEvaluator(coco_gt.dataset, backend=backend, plus_one=bool(getattr(predictor.model.cfg, "official_compat", False)),
-                       gather_fn=lambda o: [o], verbose=verbose)
-    for s in range(0, len(images), batch_size):
-        recs = images[s : s + batch_size]
-        pics = [image_loader(r) if image_loader else load_image_record(r, image_root) for r in recs]
-        dets = predictor.detect(pics, chunks, **post)
-        ev.update([r["id"] for r in recs], dets, cat_ids)
-    metrics = ev.compute()
-    metrics["detections"] = ev.detections()
-    return metrics
-
-
 __all__ = [
     "METRIC_NAMES",
-    "CocoEvalError",
     "CocoEvaluator",
     "evaluate_coco",
     "format_table",
     "format_per_category",
     "detections_to_coco",
     "xyxy_to_xywh",
-    "default_gather",
     "make_coco_gt",
-    "load_json",
-    "category_prompt_names",
-    "templated_prompt",
-    "templated_chunks",
-    "evaluate_model_coco",
+    "load_results",
 ]

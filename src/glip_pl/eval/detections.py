@@ -1,4 +1,5 @@
-"""Validate a COCO-style detections file before scoring it, naming the first bad record.
+"""Reading COCO-style json files (ground truth, detections) and validating detections before scoring them,
+naming the first bad record.
 
 pycocotools and faster-coco-eval accept almost anything and fail later with a KeyError or an assertion (or, for
 NaN scores, silently mis-sort); here each record is checked against the ground truth first:
@@ -8,11 +9,31 @@ score: finite number}``.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import numbers
+import os
 from typing import Optional, Sequence
 
 REQUIRED = ("image_id", "category_id", "bbox", "score")
+
+
+class CocoEvalError(ValueError):
+    """Ground truth or detections that cannot be scored; the message says which and why."""
+
+
+def load_json(obj, what: str = "annotations"):
+    """A path (str/PathLike) → parsed json; a dict/list passes through (deep-copied: the COCO API mutates it)."""
+    if isinstance(obj, (str, os.PathLike)):
+        try:
+            with open(obj, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise CocoEvalError(f"{what}: no such file {os.fspath(obj)!r}") from None
+        except json.JSONDecodeError as e:
+            raise CocoEvalError(f"{what}: {os.fspath(obj)!r} is not valid json ({e})") from None
+    return copy.deepcopy(obj)
 
 
 class DetectionsFileError(ValueError):
@@ -97,8 +118,6 @@ def validate_detections(dets, gt: Optional[dict] = None, source: str = "detectio
 
 def validate_detections_file(path, gt_path=None) -> list:
     """Load and validate a detections json (against a GT json when given)."""
-    from .coco import load_json
-
     gt = load_json(gt_path, "ground truth") if gt_path is not None else None
     try:
         dets = load_json(path, "detections")
@@ -112,4 +131,4 @@ def _short(d, n: int = 120) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-__all__ = ["DetectionsFileError", "validate_detections", "validate_detections_file"]
+__all__ = ["CocoEvalError", "DetectionsFileError", "load_json", "validate_detections", "validate_detections_file"]

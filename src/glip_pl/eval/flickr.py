@@ -24,7 +24,8 @@ import numpy as np
 
 from ..model.prompts import Prompt
 from ..model.types import Detections
-from .coco import CocoEvalError, _PerImage, load_json
+from .detections import CocoEvalError, load_json
+from .per_image import PerImage
 
 TOPK = (1, 5, 10, -1)  # -1: the upper bound (all boxes)
 IOU_THRESH = 0.5
@@ -197,7 +198,7 @@ class FlickrEvaluator:
                  verbose: bool = True, print_fn: Callable = print):
         self.gt = gt if isinstance(gt, FlickrGroundTruth) else FlickrGroundTruth(gt)
         self.plus_one, self.only_seen, self.verbose, self.print_fn = plus_one, only_seen, verbose, print_fn
-        self._store = _PerImage(gather_fn)
+        self._store = PerImage(gather_fn)
 
     def update(self, entry_ids: Sequence, detections: Sequence[Detections]) -> None:
         for eid, d in zip(entry_ids, detections):

@@ -27,7 +27,9 @@ import numpy as np
 
 from ..model.types import Detections
 from .chunked import OFFICIAL_CHUNK, PromptChunk, chunk_class_names
-from .coco import CocoEvalError, _PerImage, load_json, make_coco_gt, xyxy_to_xywh
+from .coco import load_results, make_coco_gt, xyxy_to_xywh
+from .detections import CocoEvalError, load_json, validate_detections
+from .per_image import PerImage
 
 FIXED_AP_TOPK = 10_000
 MAX_DETS_PER_IMAGE = 300  # the official LVIS command line: *.DETECTIONS_PER_IMG 300
@@ -107,16 +109,12 @@ def evaluate_lvis(gt, detections, fixed_ap: bool = True, topk: int = FIXED_AP_TO
     if isinstance(dets, tuple):
         dets = _records(dets)
     if validate:
-        from .detections import validate_detections
-
         dets = validate_detections(dets, coco_gt.dataset)
     if fixed_ap:
         dets, max_dets = top_per_category(dets, topk), topk
     else:
         dets, max_dets = top_per_image(dets, max_dets_per_image), max_dets_per_image
-    from .coco import _results
-
-    coco_dt = _results(coco_gt, dets, "faster")
+    coco_dt = load_results(coco_gt, dets, "faster")
     lines: list = []
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval_faster(coco_gt, coco_dt, "bbox", lvis_style=True, print_function=lines.append)
@@ -151,7 +149,7 @@ class LvisEvaluator:
         self.fixed_ap, self.topk, self.max_dets = fixed_ap, topk, max_dets_per_image
         self.only_seen, self.verbose, self.print_fn = only_seen, verbose, print_fn
         self.prune_every = prune_every
-        self._images = _PerImage(gather_fn)  # image id → number of rows it contributed (dedup + seen set)
+        self._images = PerImage(gather_fn)  # image id → number of rows it contributed (dedup + seen set)
         self._parts: list = []
         self._rows = 0
 
@@ -192,10 +190,7 @@ class LvisEvaluator:
     def compute(self) -> dict:
         if self.fixed_ap:
             self._prune()
-        gather = self._images.gather_fn
-        from .coco import default_gather
-
-        parts = (gather or default_gather)({"images": self._images.store, "cols": self._concat()})
+        parts = self._images.gather({"images": self._images.store, "cols": self._concat()})
         if parts is None:
             return {}
         seen, cols = set(), []

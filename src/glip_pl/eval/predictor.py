@@ -7,23 +7,24 @@ chunked into whole phrases automatically, the image backbone running once for al
 (``glip_pl.eval.chunked``). Each detection carries its phrase text and the phrase's character spans in the
 caption the user gave.
 
-Checkpoints: ``Predictor.from_checkpoint(path)`` hands the path to the registered loaders in order until one
-returns a model (``register_checkpoint_loader(name, fn)``; ``fn(path) -> GLIP``, raising to decline). The default
-loader is ``glip_pl.official.load_glip_checkpoint`` (glip_pl model files and Lightning checkpoints that record
-their preset); the training shell can register its own, or pass ``loader=`` (a name or a callable).
+Checkpoints: ``Predictor.from_checkpoint(path)`` reads them through ``glip_pl.checkpoints.load_model``: each of
+``loaders`` ({name: ``fn(path) -> GLIP``, raising to decline}; default ``DEFAULT_LOADERS``, glip_pl model files
+and Lightning checkpoints that record their preset) in order until one returns a model, or the one ``loader=``
+names (a name or a callable).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoints.glip import CheckpointLoader, load_model, read_run_config
 from ..model.prompts import Prompt
 from ..model.types import Detections, GLIPInputError
 from .chunked import EncodedChunks, PromptChunk, chunk_prompt, detect_chunks, merge_chunk_detections
@@ -169,49 +170,6 @@ class Prediction:
                 "detections": self.to_dicts(threshold)}
 
 
-# --------------------------------------------------------------------------------------------- loaders
-
-CheckpointLoader = Callable[[str], "torch.nn.Module"]
-CHECKPOINT_LOADERS: dict = {}
-
-
-def register_checkpoint_loader(name: str, fn: CheckpointLoader, first: bool = False) -> None:
-    """Add a loader ``fn(path) -> GLIP`` (raise to decline a file). ``first`` puts it before the others."""
-    global CHECKPOINT_LOADERS
-    rest = {k: v for k, v in CHECKPOINT_LOADERS.items() if k != name}
-    CHECKPOINT_LOADERS = {name: fn, **rest} if first else {**rest, name: fn}
-
-
-def _glip_loader(path):
-    from ..official import load_glip_checkpoint
-
-    return load_glip_checkpoint(path)
-
-
-register_checkpoint_loader("glip_pl", _glip_loader)
-
-
-def load_model(path, loader: Union[None, str, CheckpointLoader] = None):
-    """A GLIP model from a checkpoint path through ``loader`` (a callable, a registered name, or all in order)."""
-    if callable(loader):
-        return loader(os.fspath(path))
-    if isinstance(loader, str):
-        if loader not in CHECKPOINT_LOADERS:
-            raise GLIPInputError(f"unknown checkpoint loader {loader!r}; registered: {sorted(CHECKPOINT_LOADERS)}")
-        return CHECKPOINT_LOADERS[loader](os.fspath(path))
-    if not Path(path).is_file():
-        raise GLIPInputError(f"checkpoint {os.fspath(path)!r}: no such file")
-    errors = []
-    for name, fn in CHECKPOINT_LOADERS.items():
-        try:
-            return fn(os.fspath(path))
-        except ImportError as e:
-            errors.append(f"{name}: not available ({e})")
-        except Exception as e:  # a loader declines a file by raising
-            errors.append(f"{name}: {e}")
-    raise GLIPInputError(f"checkpoint {os.fspath(path)!r}: no loader could read it:\n  " + "\n  ".join(errors))
-
-
 # --------------------------------------------------------------------------------------------- defaults
 
 DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE = 800, 1333  # the official test resize
@@ -233,12 +191,8 @@ def checkpoint_defaults(path) -> dict:
     by ``glip-pl consolidate``); ``{}`` when it records none (a glip_pl model file, an imported official model: the
     official 800/1333 apply). A model trained on 256 px scenes and fed 800 px ones sees objects three times the size it
     learnt and fires on their parts."""
-    try:  # mmap: only the small dicts are read, not the weights
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable / not a zip checkpoint: the loader reports it properly
-        return {}
-    text = obj.get("glip_pl_config") if isinstance(obj, dict) else None
-    if not isinstance(text, str):
+    text = read_run_config(path)
+    if text is None:
         return {}
     try:
         import yaml
@@ -281,11 +235,12 @@ class Predictor:
         self._encoded: dict = {}
 
     @classmethod
-    def from_checkpoint(cls, path, loader: Union[None, str, CheckpointLoader] = None, **kwargs) -> "Predictor":
+    def from_checkpoint(cls, path, loader: Union[None, str, CheckpointLoader] = None,
+                        loaders: Optional[Mapping[str, CheckpointLoader]] = None, **kwargs) -> "Predictor":
         """Build the model a checkpoint describes (see the module docstring for loaders) and wrap it. ``min_size`` /
         ``max_size`` not given are the checkpoint's validation sizes when it records them (``checkpoint_defaults``),
         else 800/1333."""
-        model = load_model(path, loader)
+        model = load_model(path, loader, loaders)
         recorded = checkpoint_defaults(path)
         for key, official in (("min_size", DEFAULT_MIN_SIZE), ("max_size", DEFAULT_MAX_SIZE)):
             kwargs.setdefault(key, recorded.get(key, official))
@@ -391,9 +346,6 @@ class Predictor:
 __all__ = [
     "Predictor",
     "Prediction",
-    "CHECKPOINT_LOADERS",
-    "register_checkpoint_loader",
-    "load_model",
     "checkpoint_defaults",
     "pick_device",
     "resized_size",

@@ -164,7 +164,7 @@ class GLIPFSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict:
         # torch.distributed.checkpoint unpickles .metadata and non-tensor entries without restriction: check them
         # first, so that resuming from a sharded directory is as safe as torch.load(weights_only=True)
-        from glip_pl.lit.dcp import check_dcp_checkpoint, is_dcp_checkpoint
+        from glip_pl.checkpoints.dcp import check_dcp_checkpoint, is_dcp_checkpoint
 
         if is_dcp_checkpoint(checkpoint_path):
             check_dcp_checkpoint(checkpoint_path)

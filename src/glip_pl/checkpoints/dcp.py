@@ -5,8 +5,8 @@ torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``,
 every non-tensor entry (the optimizer's hyper-parameters) with ``torch.load(weights_only=False)``: a downloaded
 checkpoint directory could run code. ``read_dcp_metadata`` unpickles ``.metadata`` with an allow-list of the classes
 a checkpoint's metadata is made of; ``check_dcp_checkpoint`` also loads every non-tensor entry with
-``weights_only=True``. ``GLIPFSDP2Strategy`` checks a directory before resuming from it; ``glip-pl consolidate``
-reads through ``safe_dcp_reader``.
+``weights_only=True``. ``GLIPFSDP2Strategy`` checks a directory before resuming from it; ``read_dcp_checkpoint``
+(``glip-pl consolidate``) reads the weights through ``safe_dcp_reader``.
 """
 
 from __future__ import annotations
@@ -83,3 +83,32 @@ def safe_dcp_reader(path):
             return md
 
     return _Reader(path)
+
+
+def read_dcp_checkpoint(path) -> tuple:
+    """(state dict of the weights, Lightning's ``meta.pt`` dict) of an FSDP2 checkpoint directory of any number of
+    ranks. Only the weights are read, not the optimizer state; ``meta.pt`` with ``torch.load(weights_only=True)``."""
+    import io
+
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class _Planner(_EmptyStateDictLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:  # the default unpickles anything
+            raise ValueError(f"{path}: non-tensor entry {read_item.dest_index.fqn!r} among the weights")
+
+    path = Path(path)
+    if not is_dcp_checkpoint(path):
+        raise FileNotFoundError(f"{path}: not a torch.distributed.checkpoint directory (no .metadata file)")
+    meta_path = path / "meta.pt"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: missing (Lightning writes it beside the shards: step, hyper-parameters)")
+    read_dcp_metadata(path)  # a refused .metadata: one clear error here, not torch's wrapped and logged one
+    meta = torch.load(meta_path, map_location="cpu", weights_only=True)
+    loaded: dict = {}
+    _load_state_dict(loaded, storage_reader=safe_dcp_reader(path), planner=_Planner(keys={"state_dict"}),
+                     no_dist=True)
+    sd = loaded.get("state_dict")
+    if not sd:
+        raise ValueError(f"{path}: no 'state_dict' entry in the checkpoint (keys {sorted(loaded)[:5]})")
+    return sd, meta

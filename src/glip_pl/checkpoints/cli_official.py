@@ -7,9 +7,10 @@ from pathlib import Path
 
 
 def _import(args) -> int:
-    from .hub import OFFICIAL_WEIGHTS, is_official_name, official_weights, resolve_official
-    from .model.types import GLIPInputError
-    from .official import OfficialCheckpointError, import_official
+    from ..hub import OFFICIAL_WEIGHTS, is_official_name, official_weights, resolve_official
+    from ..model.types import GLIPInputError
+    from .glip import CheckpointError
+    from .official import import_official
 
     try:
         src, preset = args.src, args.preset
@@ -28,7 +29,7 @@ def _import(args) -> int:
             raise GLIPInputError(f"{src!r}: --preset is needed for a checkpoint file (a released model's name, "
                                  "e.g. glip_t, brings its own)")
         report = import_official(src, args.out, preset, use_ema=args.ema)
-    except (OfficialCheckpointError, GLIPInputError) as e:
+    except (CheckpointError, GLIPInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary(limit=args.limit))
@@ -37,11 +38,12 @@ def _import(args) -> int:
 
 
 def _export(args) -> int:
-    from .official import OfficialCheckpointError, export_official
+    from .glip import CheckpointError
+    from .official import export_official
 
     try:
         official = export_official(args.ckpt, args.out, preset=args.preset)
-    except OfficialCheckpointError as e:
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {len(official)} tensors in the official naming (under 'model', prefixed 'module.')")
@@ -49,8 +51,8 @@ def _export(args) -> int:
 
 
 def register(subparsers) -> None:
-    from .hub import OFFICIAL_WEIGHTS
-    from .model.presets import PRESETS
+    from ..hub import OFFICIAL_WEIGHTS
+    from ..model.presets import PRESETS
 
     p = subparsers.add_parser(
         "import-official",

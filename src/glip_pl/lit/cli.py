@@ -1,8 +1,8 @@
 """``glip-pl fit | validate | test`` through LightningCLI; several ``--config`` files stack (cluster + recipe).
 
 The run directory, auto-resume, preemption, the run lock and the recipe allow-list are described in README.md
-"Training" and docs/reliability.md. ``--weights_only`` defaults to true for every subcommand: Lightning 2.6.6 passes
-``None`` (torch's default) otherwise.
+"Training" and docs/reliability.md; ``--ckpt_path none`` forces a fresh start. ``--weights_only`` defaults to true
+for every subcommand: Lightning 2.6.6 passes ``None`` (torch's default) otherwise.
 """
 
 from __future__ import annotations

@@ -132,8 +132,7 @@ def _given_strings(args):
 
 
 def _where_given(path: str, given) -> list:
-    """Where the recipe or a flag gave ``path``: the string itself, or the re-export that led to it
-    (``a.b.os.system`` is denied as ``posix.system``)."""
+    """Where ``path`` was given, or the re-export that led to it (``a.b.os.system`` is denied as ``posix.system``)."""
     tail = path.rsplit(".", 1)[-1]
     return [(w, v) for w, v in given if v == path] or [(w, v) for w, v in given if v.endswith("." + tail)]
 
@@ -163,8 +162,7 @@ def _code_defaults(spec) -> dict:
 
 
 def _functions(obj, where: str = ""):
-    """Every function in a parsed config, except a class's own code default (``BackboneFinetuning``'s
-    ``lambda_func``)."""
+    """Every function in a parsed config but a class's own default (``BackboneFinetuning``'s ``lambda_func``)."""
     if type(obj).__name__ == "Namespace":
         defaults = _code_defaults(obj)
         for k, v in vars(obj).items():

@@ -48,8 +48,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
 
 
 def set_aside(path: str) -> Optional[str]:
-    """Rename to ``<path>.corrupt-<time>``: kept for inspection, no longer a ``*.ckpt`` a resume would pick; None
-    when another rank already moved it."""
+    """``<path>.corrupt-<time>``: kept, but no ``*.ckpt`` a resume would pick; None if another rank moved it."""
     dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 0
     while os.path.exists(dest):

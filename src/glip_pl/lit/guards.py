@@ -60,8 +60,7 @@ def local_grads(params) -> list:
 
 
 class NonFiniteGuard(L.Callback):
-    """Skips and counts training steps with a non-finite loss or non-finite gradients; stops the run after
-    ``max_bad_steps`` in a row.
+    """Skips and counts steps with a non-finite loss or gradients; ``max_bad_steps`` in a row stop the run.
 
     Args:
         max_bad_steps: bad steps in a row that stop the run (None: ``model.max_bad_steps``, default 5; 0: never).

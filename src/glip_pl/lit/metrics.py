@@ -1,8 +1,7 @@
 """Box AP of a validation epoch: per-image ground truth and detections → COCO dicts → ``evaluate_coco``.
 
-Scoring is ``eval/coco.py``'s (the one AP implementation); this file only builds its inputs. ``CocoEvaluator`` does
-not fit here: it needs the ground truth up front as a COCO file with integer image ids and scores without per-category
-AP, while validation reads its ground truth from the shards, batch by batch, keyed by sample id."""
+Not ``CocoEvaluator``: it needs the ground truth up front as a COCO file with integer image ids, while validation
+reads it from the shards, batch by batch, keyed by sample id."""
 
 from __future__ import annotations
 

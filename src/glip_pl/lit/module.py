@@ -1,7 +1,6 @@
 """GLIPLitModule: the thin Lightning shell around ``glip_pl.model`` (training/validation steps, optimiser).
 
-``GLIP_PL_RECORD_IDS=<file>`` appends each step's sample ids (one json line per step and rank), for exact-resume
-checks.
+``GLIP_PL_RECORD_IDS=<file>`` appends each step's sample ids (a json line per step and rank): exact-resume checks.
 """
 
 from __future__ import annotations

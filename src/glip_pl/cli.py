@@ -1,10 +1,8 @@
 """The ``glip-pl`` command: one sub-command per job.
 
-Each sub-command lives in the package that owns the job, in its ``cli.py`` or a ``cli_<command>.py`` beside it
-(``eval/cli_predict.py``, ``checkpoints/cli_official.py``), and exposes ``register(subparsers)``, which adds its
-parser and sets ``func`` (called with the parsed namespace; returns an exit code). Modules are imported lazily so
-``glip-pl --help`` stays fast and a missing optional dependency only affects its own command: running a command
-whose extra is not installed prints one line naming the extra (exit status 2) instead of a traceback.
+Each sub-command lives in the package that owns the job, in its ``cli.py`` or a ``cli_<command>.py`` beside it,
+and exposes ``register(subparsers)``, which sets ``func`` (namespace -> exit code). Modules are imported lazily so a
+missing optional dependency only affects its own command: one line naming the extra (exit status 2), not a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import importlib
 import importlib.util
 import sys
 
-# sub-command name -> module that registers it
 COMMANDS = {
     "shards": "glip_pl.data.cli",
     "demo": "glip_pl.demo",
@@ -83,10 +80,9 @@ def missing_extra(command: str, error: ModuleNotFoundError):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Training/evaluation runs go to LightningCLI (``glip-pl fit --config a.yaml --config b.yaml``).
     command = argv[0] if argv else ""
     if command == "predict" and any(a in ("-c", "--config") or a.startswith("--config=") for a in argv):
-        # ``predict --config`` used to switch silently to LightningCLI's predict: say where that went
+        # LightningCLI's predict has its own command: say so rather than fail on an unknown option
         print("glip-pl predict: error: --config belongs to LightningCLI's batch predict, now its own command: "
               f"glip-pl {BATCH_PREDICT} --config RECIPE.yaml ...", file=sys.stderr)
         return 2

@@ -1,20 +1,11 @@
 """What a recipe may name: the classes ``glip-pl fit/validate/test`` can import, and nothing callable besides.
 
-A recipe (or a flag) is untrusted text. jsonargparse turns strings into Python objects in many places: a
-``class_path`` at any depth (``trainer.callbacks``, ``init_args`` of those, ``dict_kwargs``), any parameter typed
-``Callable`` / ``type`` / ``ModuleType`` (``LambdaCallback(on_fit_start=...)``, ``ModelPruning(amount=...)``,
-``ThroughputMonitor(batch_size_fn=...)``, ``DDPStrategy(ddp_comm_hook=...)``), bare class names, inline JSON and
-``--trainer.callbacks+=``. Every one of them goes through jsonargparse's ``import_object``, which asks its import
-path policy before importing (and again for the object's defining module, so a re-export such as
-``lightning.pytorch.callbacks.os.system`` is caught as ``posix.system``). ``import_policy`` sets that policy to
-"deny everything except ``ALLOWED_CLASS_PREFIXES``" while the CLI parses and instantiates, so each route is closed
-at the one place they share rather than by guessing the routes. On top of it:
-
-* ``check_class_paths`` reads the config files and flags as text first and refuses a foreign ``class_path`` with
-  the file and key before jsonargparse sees it;
-* ``refuse_callables``: a parsed value may not be a function at all (the allow-list names classes; a function of
-  an allowed module, e.g. ``glip_pl.lit.cli.run`` given to a Callable parameter, is refused too), and
-  ``LambdaCallback``, whose every argument is a callable, is denied outright.
+A recipe (or a flag) is untrusted text, and jsonargparse turns strings into objects by many routes (``class_path``
+at any depth, ``Callable`` / ``type`` parameters, bare class names, inline JSON, ``--trainer.callbacks+=``). All of
+them pass jsonargparse's import path policy (also for the defining module, so the re-export
+``lightning.pytorch.callbacks.os.system`` is caught as ``posix.system``): ``import_policy`` closes them there, at
+the one place they share, rather than by guessing the routes. ``check_class_paths`` names the file and key first;
+``refuse_callables`` refuses functions even from allowed modules.
 """
 
 from __future__ import annotations
@@ -36,7 +27,7 @@ _DENIED_MESSAGE = re.compile(r"Importing '([\w.]+)' is not allowed")
 
 
 class RecipeRefused(SystemExit):
-    """A recipe or flag names something outside the allow-list (a ``SystemExit``: the CLI prints it and exits 1)."""
+    """A ``SystemExit``: the CLI prints it and exits 1."""
 
 
 def _refusal(lines) -> RecipeRefused:
@@ -101,8 +92,7 @@ def _given_values(args):
 
 
 def check_class_paths(args) -> None:
-    """Refuse, before anything is imported, a ``class_path`` outside ``ALLOWED_CLASS_PREFIXES`` in the config files
-    (``--config``) or in flags (``--x.class_path=...``, inline yaml/json values, ``--trainer.callbacks+=Dotted``)."""
+    """Refuse a foreign ``class_path`` in config files or flags before anything is imported."""
     bad = []
     for where, doc in _given_values(args):
         if not where.startswith("-") or where in ("--config", "-c"):  # a config file
@@ -123,9 +113,8 @@ def check_class_paths(args) -> None:
 
 @contextmanager
 def import_policy():
-    """While active, jsonargparse imports a path given as a value only when it is under ``ALLOWED_CLASS_PREFIXES``
-    (and not ``DENIED_CLASSES``); anything else raises its ``ImportDenied`` before the import. The previous policy
-    is restored on exit (jsonargparse keeps it process-wide)."""
+    """jsonargparse imports only ``ALLOWED_CLASS_PREFIXES`` (not ``DENIED_CLASSES``) while active; its policy is
+    process-wide, so the previous one is restored on exit."""
     from jsonargparse import _common, set_parsing_settings
 
     saved = {k: _common.parsing_settings[k] for k in ("import_path_verdicts", "import_paths_enforced")}
@@ -143,15 +132,13 @@ def _given_strings(args):
 
 
 def _where_given(path: str, given) -> list:
-    """Where the recipe or a flag gave ``path``: the string itself, or the re-export that led to it
-    (``a.b.os.system`` is denied as ``posix.system``)."""
+    """Where ``path`` was given, or the re-export that led to it (``a.b.os.system`` is denied as ``posix.system``)."""
     tail = path.rsplit(".", 1)[-1]
     return [(w, v) for w, v in given if v == path] or [(w, v) for w, v in given if v.endswith("." + tail)]
 
 
 def denied_import_error(message: str, args) -> RecipeRefused | None:
-    """The refusal for a jsonargparse error caused by ``import_policy`` (None for any other error), naming the
-    config file and key (or flag) that gave each denied path."""
+    """The refusal naming the file and key of each path ``import_policy`` denied; None for any other error."""
     denied = list(dict.fromkeys(_DENIED_MESSAGE.findall(message)))
     if not denied:
         return None
@@ -175,8 +162,7 @@ def _code_defaults(spec) -> dict:
 
 
 def _functions(obj, where: str = ""):
-    """(key, function) of every function in a parsed config, except a class's own code default for its parameter
-    (``BackboneFinetuning(lambda_func=multiplicative)`` unless the recipe names one)."""
+    """Every function in a parsed config but a class's own default (``BackboneFinetuning``'s ``lambda_func``)."""
     if type(obj).__name__ == "Namespace":
         defaults = _code_defaults(obj)
         for k, v in vars(obj).items():
@@ -200,8 +186,7 @@ def _functions(obj, where: str = ""):
 
 
 def refuse_callables(config, args=(), subcommand: str | None = None) -> None:
-    """Refuse a parsed config that holds a function (a Callable parameter given a dotted path): recipes may name
-    classes only. ``config`` is the parsed jsonargparse Namespace, before instantiation."""
+    """Recipes may name classes only: refuse a function anywhere in the parsed (not yet instantiated) config."""
     bad = list(_functions(config))
     if not bad:
         return

@@ -17,10 +17,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class ThroughputMonitor(LightningThroughputMonitor):
-    """Lightning's ``ThroughputMonitor`` reduced to ``perf/images_per_s`` (all ranks), ``perf/mfu`` and the data-wait
-    split, all over the same window of the last ``log_every_n_steps`` steps (README, "Weights & Biases"). The FLOPs
-    are counted once, on the first batch's shapes (``glip_pl.lit.flops``): with multi-scale images and prompts of
-    varying length the MFU of other steps is approximate. The first step (the count) is never in a window.
+    """Lightning's ``ThroughputMonitor`` reduced to ``perf/images_per_s``, ``perf/mfu`` and the data-wait split over
+    one window. FLOPs are counted once, on the first batch's shapes: with multi-scale images and prompts of varying
+    length the MFU of other steps is approximate.
 
     Args:
         log_every_n_steps: the window: log over the last this many optimiser steps, every this many steps.
@@ -34,7 +33,7 @@ class ThroughputMonitor(LightningThroughputMonitor):
         self._step_t1: Optional[float] = None
         self._step_t0: Optional[float] = None
         self._pending_wait = 0.0
-        self._split: deque = deque(maxlen=self.every)  # (data wait s, compute s) of the last steps
+        self._split: deque = deque(maxlen=self.every)  # (data wait s, compute s)
 
     def _count_flops(self, trainer, pl_module, batch) -> None:
         from glip_pl.lit.flops import FlopsNotCounted, train_step_flops
@@ -112,22 +111,12 @@ class EMA(EMAWeightAveraging):
         super().__init__(decay=decay, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Gradient norm
-
-
 class GradNormMonitor(L.Callback):
-    """Logs the total 2-norm of the gradients (``grad/norm_total``) every ``every_n_steps`` optimizer steps: the
-    global norm over all ranks' gradients, the norm the clipping threshold is compared with.
+    """Logs the global gradient 2-norm before clipping (``grad/norm_total``), the norm the clipping threshold sees.
 
-    * single process, DDP: taken in ``on_before_optimizer_step``, after the backward pass and the gradient all-reduce
-      (every rank sees the same value) and before clipping;
-    * FSDP2: the gradients are sharded DTensors; the norm of the DTensors is a partial result whose ``full_tensor()``
-      is the global norm (a collective: every rank computes it);
-    * DeepSpeed: ZeRO keeps the gradients in its partitions (no ``.grad`` before the step), so the norm is the
-      engine's own global norm of the step (``engine.get_global_grad_norm()``, unscaled, before clipping), read in
-      ``on_train_batch_end``; inf when the engine skipped the step for overflow, nothing logged when the engine
-      does not compute it. Per-group norms are not available there.
+    FSDP2: the norm of sharded DTensors is partial; its ``full_tensor()`` is a collective every rank runs. DeepSpeed
+    ZeRO has no ``.grad`` before the step, so the engine's own ``get_global_grad_norm()`` is read after it (inf for
+    an overflow-skipped step; no per-group norms).
 
     Args:
         every_n_steps: log every this many optimiser steps.
@@ -138,7 +127,7 @@ class GradNormMonitor(L.Callback):
         self.every = max(int(every_n_steps), 1)
         self.per_group = per_group
         self.last_norm: Optional[float] = None
-        self._taken_at: Optional[int] = None  # the step whose norm on_before_optimizer_step logged
+        self._taken_at: Optional[int] = None
 
     @staticmethod
     def total_norm(params) -> Tensor:
@@ -187,16 +176,8 @@ class GradNormMonitor(L.Callback):
         pl_module.log("grad/norm_total", self.last_norm, rank_zero_only=True, batch_size=1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Validation images with boxes and phrases (W&B)
-
-
 def wandb_boxes(boxes, phrases, scores=None, max_boxes: int = 50) -> dict:
-    """W&B ``boxes`` group: pixel boxes (x1, y1, x2, y2) with their phrase as caption and class.
-
-    ``class_labels`` maps an id per distinct phrase to its text (W&B's legend); ``scores`` (optional) go in the box's
-    ``scores`` and caption so the UI can filter by score.
-    """
+    """W&B ``boxes`` group: pixel boxes (x1, y1, x2, y2), one class per distinct phrase; scores let the UI filter."""
     names = sorted(set(phrases))
     ids = {p: i for i, p in enumerate(names)}
     data = []
@@ -214,12 +195,8 @@ def wandb_boxes(boxes, phrases, scores=None, max_boxes: int = 50) -> dict:
 
 def validation_image_panels(batch, detections, max_images: int = 4, score_thresh: float = 0.1,
                             max_boxes: int = 50) -> list:
-    """One panel per image of a validation batch: the network input (content only, HWC uint8), the true boxes and
-    phrases, and the predicted ones (score ≥ ``score_thresh``), all in the input image's pixels.
-
-    ``detections`` are the model's ``Detections`` (boxes in original pixels, rescaled here to the input's size);
-    true boxes are ``batch.targets.boxes`` (input pixels) and their phrases ``phrase_names[b][box_phrases[b]]``.
-    """
+    """Per image: the network input (HWC uint8, padding cut), true and predicted boxes, all in input pixels
+    (``Detections`` come in original pixels)."""
     panels = []
     for b, det in enumerate(list(detections)[:max_images]):
         h, w = (int(v) for v in batch.image_sizes[b].tolist())
@@ -245,11 +222,8 @@ def validation_image_panels(batch, detections, max_images: int = 4, score_thresh
 
 
 class ValidationImageLogger(L.Callback):
-    """Every ``every_n_val_steps`` validation batches, logs up to ``max_images`` images of that batch to W&B with
-    predicted and true boxes and their phrases (key ``val/examples``), at most ``max_per_epoch`` per validation run.
-
-    Rank 0 only (other ranks' images are not gathered); a no-op without a ``WandbLogger``. ``validation_step`` must
-    return the batch's list of ``Detections`` (``GLIPLitModule`` does).
+    """Logs validation images with true and predicted boxes to W&B. Rank 0's images only; a no-op without a
+    ``WandbLogger``; ``validation_step`` must return the batch's ``Detections``.
 
     Args:
         every_n_val_steps: log from every this many validation batches.
@@ -298,10 +272,6 @@ class ValidationImageLogger(L.Callback):
         self.logged_total += len(panels)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batch trace (tests and debugging of data sharding)
-
-
 def disable_dropout(module: torch.nn.Module) -> int:
     """Set every dropout probability to 0: ``nn.Dropout`` modules and the float ``dropout`` attributes that the
     fused-attention modules pass to ``scaled_dot_product_attention`` (text layer, fusion). Returns how many."""
@@ -315,16 +285,12 @@ def disable_dropout(module: torch.nn.Module) -> int:
 
 
 class BatchTrace(L.Callback):
-    """Appends one JSON line per training batch to ``<out_dir>/batches-rank<R>.jsonl``: global rank, world size,
-    node rank, global step, sample ids, sources, and the rank's loss; a record of which samples each rank read.
+    """One JSON line per training batch and rank (``<out_dir>/batches-rank<R>.jsonl``): which samples each rank read.
 
     Args:
         out_dir: folder of the trace files.
-        dump_first_batch: also ``torch.save`` the first batch each rank trains on, its loss and (after the backward
-            pass and the DDP all-reduce) the total gradient norm and the weights before the first update to
-            ``<out_dir>/first-rank<R>.pt``: what a single-process run on the same global batch is compared with.
-        disable_dropout: set every dropout to p=0 at the start of fit (the text encoder's dropout draws different
-            masks for a batch of 2b than for two batches of b, so an exact comparison needs it off).
+        dump_first_batch: also save the first batch, loss, weights and gradients to ``<out_dir>/first-rank<R>.pt``.
+        disable_dropout: dropout p=0 from fit start (masks differ for one batch of 2b and two of b: exact comparisons).
     """
 
     def __init__(self, out_dir: str, dump_first_batch: bool = False, disable_dropout: bool = False):

@@ -1,22 +1,5 @@
-"""Checkpoints that survive preemption: atomic writes, validity checks at resume, keep-last-K, signal handling.
-
-* ``AtomicModelCheckpoint`` (a ``ModelCheckpoint``): every file is written under ``<name>.tmp`` and renamed only
-  after ``trainer.save_checkpoint`` returned on every rank (it ends with a barrier) — a job killed mid-write
-  leaves a ``.tmp`` and the previous checkpoint intact; ``keep_last`` keeps the newest K step checkpoints
-  (besides ``last.ckpt``).
-* ``find_resume_checkpoint``: the newest checkpoint in a directory that loads (zip intact, ``torch.load`` with
-  ``weights_only=True``); a truncated or half-written one is skipped with a warning naming it and saying what
-  happens instead, and (auto-resume) moved aside to ``<name>.corrupt-<time>``, never deleted.
-* ``PreemptionCheckpoint``: a callback that catches SIGTERM and SIGUSR1 (Slurm's preemption/time-limit warning,
-  ``#SBATCH --signal=USR1@90``), and at the next step boundary — agreed on by all ranks — writes ``last.ckpt``
-  and stops cleanly. We install our own handler rather than rely on Lightning's: Lightning's SIGUSR1 handler
-  saves inside the signal handler (in data workers too, mid-collective: DDP jobs hang, Lightning #21406) and its
-  SIGTERM handling stops DDP ranks without saving. Under Slurm (``SLURM_JOB_ID`` set) rank 0 then requeues the job
-  (``scontrol requeue``) unless ``requeue=False``; the requeued job auto-resumes (``glip-pl fit`` picks the newest
-  valid checkpoint). ``glip-pl fit`` adds this callback when a recipe does not (``--preemption_checkpoint``).
-* ``save_rng_state`` / ``load_rng_state``: the global RNG states (per rank) in the checkpoint, so a resumed run
-  draws the same random numbers as an uninterrupted one (``GLIPLitModule`` calls them from its checkpoint hooks).
-"""
+"""Checkpoints that survive preemption: atomic writes, validity checks at resume, keep-last-K, signal handling,
+and the RNG state that makes a resumed run draw what an uninterrupted one would."""
 
 from __future__ import annotations
 
@@ -37,10 +20,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 
-# --------------------------------------------------------------------------------------------------- validity
 def checkpoint_problem(path: str) -> Optional[str]:
-    """None when ``path`` is a loadable Lightning checkpoint, else why not, in one line (truncated, empty, needs
-    unpickling, ...)."""
+    """None when ``path`` is a loadable Lightning checkpoint, else why not, in one line."""
     if os.path.isdir(path):  # sharded (DeepSpeed/FSDP) checkpoints: a directory, complete once renamed
         return None if os.listdir(path) else "empty checkpoint directory"
     if not os.path.exists(path):
@@ -67,8 +48,7 @@ def checkpoint_problem(path: str) -> Optional[str]:
 
 
 def set_aside(path: str) -> Optional[str]:
-    """Rename a bad checkpoint to ``<path>.corrupt-<time>`` (kept for inspection, never deleted, and no longer a
-    ``*.ckpt`` that a later resume would pick); None when it is already gone (another rank moved it)."""
+    """``<path>.corrupt-<time>``: kept, but no ``*.ckpt`` a resume would pick; None if another rank moved it."""
     dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 0
     while os.path.exists(dest):
@@ -84,10 +64,8 @@ def set_aside(path: str) -> Optional[str]:
 def find_resume_checkpoint(dirpath: str, verbose: bool = True, move_bad: bool = False) -> Optional[str]:
     """The newest valid ``*.ckpt`` in ``dirpath`` (``last.ckpt`` first among equals), or None.
 
-    Invalid ones newer than it (a write cut by the kill, a disk that filled up) are reported and passed over, so a
-    requeued job falls back to the previous checkpoint instead of crashing on ``last.ckpt``. ``move_bad`` (the
-    auto-resume of ``glip-pl fit``, on rank 0) also renames each to ``<name>.corrupt-<time>``: the new run then
-    writes ``last.ckpt`` again (not ``last-v1.ckpt`` beside the bad one) and a later resume does not meet it again.
+    Newer invalid ones (a write cut by the kill, a full disk) are reported and passed over. ``move_bad`` sets them
+    aside, so the new run writes ``last.ckpt`` again rather than ``last-v1.ckpt`` beside the bad one.
     """
     if not dirpath or not os.path.isdir(dirpath):
         return None
@@ -139,14 +117,11 @@ def _replace(tmp: str, final: str) -> None:
     _fsync(os.path.dirname(os.path.abspath(final)))
 
 
-# --------------------------------------------------------------------------------------------------- atomic writes
 class AtomicModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose files appear complete or not at all; ``keep_last`` newest step checkpoints kept.
 
     Args:
-        keep_last: after each save, prune the oldest ``*.ckpt`` of ``dirpath`` other than ``last.ckpt`` down to
-            this many (None: keep what ``save_top_k`` keeps; Lightning refuses ``save_top_k > 1`` without a
-            monitored metric).
+        keep_last: step checkpoints kept besides ``last.ckpt`` (``save_top_k > 1`` needs a monitor in Lightning).
         *args: Lightning's ``ModelCheckpoint`` arguments.
         **kwargs: Lightning's ``ModelCheckpoint`` arguments.
     """
@@ -204,7 +179,6 @@ def atomic_save(trainer, filepath: str) -> None:
     trainer.strategy.barrier("atomic_save")
 
 
-# --------------------------------------------------------------------------------------------------- preemption
 class PreemptionCheckpoint(Callback):
     """On SIGTERM/SIGUSR1: finish the current step, write ``last.ckpt`` (atomically), stop; requeue under Slurm.
 
@@ -224,12 +198,10 @@ class PreemptionCheckpoint(Callback):
         self._previous: dict = {}
         self.saved_path: Optional[str] = None
 
-    # -- handlers
     def _handler(self, signum, frame) -> None:
         if os.getpid() != self._pid:
-            # A forked data worker (Slurm signals every process of the step). SIGTERM: die as if we were not here.
-            # The preemption warning (SIGUSR1) is the trainer's business: a worker that died of it would crash the
-            # loader before the trainer reaches the step boundary, so workers ignore it.
+            # a forked data worker (Slurm signals every process of the step); one that died of SIGUSR1 would crash
+            # the loader before the trainer reaches the step boundary
             if signum == signal.SIGUSR1:
                 signal.signal(signum, signal.SIG_IGN)
                 return
@@ -245,10 +217,8 @@ class PreemptionCheckpoint(Callback):
         if stage != "fit":
             return
         self._pid = os.getpid()
-        # Lightning's own Slurm handler saves the checkpoint inside the signal handler, on every process that gets
-        # the signal (data workers included), in the middle of whatever collective was running: it hangs DDP jobs
-        # intermittently (Lightning issue #21406; seen here as a job stuck after "Handling auto-requeue signal").
-        # This callback does it at the step boundary instead, so Lightning's requeue handling is switched off.
+        # Lightning's Slurm handler saves inside the signal handler, in every process, mid-collective: DDP jobs
+        # hang (Lightning #21406). This callback saves at the step boundary instead.
         env = getattr(trainer.strategy, "cluster_environment", None)
         if isinstance(env, SLURMEnvironment):
             env.auto_requeue = False
@@ -275,7 +245,6 @@ class PreemptionCheckpoint(Callback):
                 pass
         self._previous = {}
 
-    # -- the step boundary
     def _agreed(self, trainer) -> bool:
         flag = self.received is not None
         if trainer.world_size > 1:
@@ -287,8 +256,7 @@ class PreemptionCheckpoint(Callback):
         if not self._agreed(trainer):
             return
         path = self.last_path(trainer)
-        # Set first: a ModelCheckpoint's state is saved inside this checkpoint, and once resumed it would otherwise
-        # see last.ckpt as somebody else's file and write its own last checkpoints to last-v1.ckpt.
+        # set first: a resumed ModelCheckpoint would otherwise see last.ckpt as somebody else's and write last-v1.ckpt
         for c in trainer.checkpoint_callbacks:
             if isinstance(c, ModelCheckpoint) and c.save_last and c.dirpath \
                     and os.path.realpath(c.dirpath) == os.path.realpath(os.path.dirname(path)):
@@ -326,12 +294,9 @@ class PreemptionCheckpoint(Callback):
             print(f"[glip_pl] could not requeue Slurm job {job}: {e}", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------------------- RNG state
 def save_rng_state(checkpoint: dict, trainer=None) -> None:
-    """Put the global RNG states (torch, python, numpy) in ``checkpoint["glip_pl_rng"]``, so a resumed run draws
-    the same dropout and augmentation as an uninterrupted one. Plain types and tensors only: the checkpoint still
-    loads with ``weights_only=True``. Lightning writes rank 0's dict only, so under several ranks every rank's own
-    state goes along in ``by_rank`` (a collective: call it on every rank)."""
+    """Global RNG states as plain types and tensors (loads with ``weights_only=True``). Lightning writes rank 0's
+    dict only, so every rank's state goes along in ``by_rank``: a collective, call it on every rank."""
     import random
 
     import numpy as np
@@ -352,8 +317,7 @@ def save_rng_state(checkpoint: dict, trainer=None) -> None:
 
 
 def load_rng_state(checkpoint: dict, trainer=None) -> bool:
-    """Restore what ``save_rng_state`` saved (this rank's own state when the world size is unchanged); False when
-    the checkpoint carries none."""
+    """This rank's own state when the world size is unchanged; False when the checkpoint carries none."""
     st = checkpoint.get("glip_pl_rng")
     if not st:
         return False

@@ -1,35 +1,8 @@
 """``glip-pl fit | validate | test`` through LightningCLI; several ``--config`` files stack (cluster + recipe).
 
-- One run directory, ``trainer.default_root_dir``: the checkpoint folder, the logger's ``save_dir`` (W&B files,
-  ``wandb_run_id``, ``config.yaml``) and the W&B run name derive from it unless set explicitly
-  (``glip_pl.lit.run_dir``). A recipe may name a base (``__base__``, ``glip_pl.lit.recipes``).
-- The resolved config is written in the run directory (``<run>/config.yaml``), stored inside every checkpoint
-  and sent to W&B as the run's config.
-- ``fit`` with a logger always has a ``LearningRateMonitor`` (one lr series per parameter group,
-  ``lr-AdamW/<group>``, every step; added when the recipe lists none).
-- Preemption: ``fit`` always has a ``PreemptionCheckpoint`` (added when the recipe lists none;
-  ``--preemption_checkpoint false`` leaves it out): SIGTERM/SIGUSR1 save ``last.ckpt`` at the step boundary, stop, and
-  requeue the Slurm job.
-- Auto-resume: when ``--ckpt_path`` is not given and the run directory already holds ``checkpoints/last.ckpt``
-  (a requeued or restarted job), ``fit`` resumes from it — or from a newer Slurm preemption checkpoint
-  ``<run>/hpc_ckpt_<n>.ckpt`` (``prefer_hpc_checkpoint``); ``--ckpt_path none`` forces a fresh start.
-- Auto-resume takes the newest checkpoint that loads (``glip_pl.lit.checkpointing.find_resume_checkpoint``): a
-  truncated or half-written ``last.ckpt`` is reported, moved aside to ``last.ckpt.corrupt-<time>`` (never deleted)
-  and the previous checkpoint used — or, with none, the run starts from step 0 and writes ``last.ckpt`` anew. An
-  explicit ``--ckpt_path`` that does not load (fit, validate, test) is one line naming the file and why, exit 1.
-  Checkpoints are read with ``torch.load(weights_only=True)`` (``--weights_only`` defaults to true here for every
-  subcommand; Lightning 2.6.6 passes ``None``, i.e. torch's default, otherwise) — a checkpoint that needs arbitrary
-  unpickling is refused, not executed.
-- One ``fit`` per run directory: rank 0 holds ``<run>/glip_pl.lock`` (``glip_pl.run_lock``: host, pid, Slurm job)
-  until it exits; a second ``fit`` on the directory is refused naming the holder (a dead holder on this host, or
-  a requeue of the same Slurm job, is taken over).
-- Recipes are YAML read with a safe loader (jsonargparse's, a ``yaml.SafeLoader``: no python tags). A recipe or a
-  flag can name classes only from ``ALLOWED_CLASS_PREFIXES`` (Lightning's callbacks, loggers, strategies, plugins,
-  profilers, accelerators, cluster environments, and ``glip_pl.lit``), no function anywhere and no
-  ``LambdaCallback``: jsonargparse's import path policy is set to deny everything else while the CLI parses and
-  instantiates, so every route by which it turns a string into an object (``class_path`` at any depth, Callable /
-  type parameters, ``dict_kwargs``, flags, inline JSON) is refused before the import, naming the recipe key
-  (``glip_pl.lit.allowlist``).
+The run directory, auto-resume, preemption, the run lock and the recipe allow-list are described in README.md
+"Training" and docs/reliability.md; ``--ckpt_path none`` forces a fresh start. ``--weights_only`` defaults to true
+for every subcommand: Lightning 2.6.6 passes ``None`` (torch's default) otherwise.
 """
 
 from __future__ import annotations
@@ -57,7 +30,7 @@ from glip_pl.lit.run_dir import derive_run_paths
 
 
 class _SaveConfig(SaveConfigCallback):
-    """Save config.yaml in the run directory and push it to every logger (W&B, CSV) as hyper-parameters."""
+    """Also pushes config.yaml to every logger (W&B, CSV) and into every checkpoint."""
 
     def save_config(self, trainer, pl_module, stage) -> None:
         cfg = self.parser.dump(self.config, skip_none=False)
@@ -98,8 +71,7 @@ class GLIPCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         argv = sys.argv[1:] if args is None else args
         check_class_paths(argv)
-        # errors come back here (not printed and exited inside jsonargparse) so that a denied import is reported as
-        # the recipe key that asked for it
+        # errors come back here, not exit inside jsonargparse, so a denied import is reported as its recipe key
         parsers = [parser, *getattr(parser._subcommands_action, "_name_parser_map", {}).values()]
         exits = [p.exit_on_error for p in parsers]
         for p in parsers:
@@ -169,7 +141,6 @@ class GLIPCLI(LightningCLI):
         if self.subcommand == "fit" and trainer.loggers:
             from lightning.pytorch.callbacks import LearningRateMonitor
 
-            # the run's only lr series (lr-AdamW/<param group>), logged every step
             if not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
                 trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         if self.subcommand == "predict":
@@ -191,9 +162,8 @@ class GLIPCLI(LightningCLI):
         self.trainer.predict(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a file that does not load is one line
-        naming it and why (not a traceback from torch), and the hyper-parameters, parsed like a recipe, are held to
-        the same import policy."""
+        """Lightning reads ``--ckpt_path``'s hyper-parameters here, first of all: a bad file is one line (no torch
+        traceback), and the hyper-parameters, parsed like a recipe, are held to the same import policy."""
         sub = self.config.get("subcommand")
         ck = self.config[sub].get("ckpt_path") if sub else None
         if isinstance(ck, str) and ck.lower() != "none" and ck.split(":")[0] not in LIGHTNING_CKPT_KEYWORDS:
@@ -240,12 +210,8 @@ LIGHTNING_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
 
 
 def prefer_hpc_checkpoint(root, chosen: Optional[str]) -> Optional[str]:
-    """The checkpoint a restarted job resumes from: ``chosen`` (the run's last checkpoint, or None) unless the run
-    directory holds a newer Slurm preemption checkpoint ``<root>/hpc_ckpt_<n>.ckpt``.
-
-    Lightning writes that file on the requeue signal (at the next step boundary, so it is newer than last.ckpt) and
-    restores it by itself only when ``ckpt_path`` is None; auto-resume passes a path, so it must pick it here.
-    """
+    """``chosen`` unless ``<root>/hpc_ckpt_<n>.ckpt`` is newer: Lightning restores that Slurm preemption file by
+    itself only when ``ckpt_path`` is None, and auto-resume passes a path."""
     hpc = [p for p in Path(root).glob("hpc_ckpt_*.ckpt") if p.is_file() and p.stem.rsplit("_", 1)[-1].isdigit()]
     if not hpc:
         return chosen

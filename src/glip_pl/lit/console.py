@@ -1,7 +1,6 @@
 """What ``glip-pl fit`` prints: a progress bar counted in optimiser steps, a model summary without Lightning's
-empty FLOPs column, and the library notices that say nothing about the run silenced by their exact text.
-
-Each silenced notice is matched on its message and the module that emits it, so any other warning still shows.
+empty FLOPs column, and the library notices that say nothing about the run silenced, each matched on its message
+and emitting module so that any other warning still shows.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
 from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBar
 from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
 
-# Lightning 2.6 builds torch's deprecated ``LeafSpec()`` for every non-container batch (Lightning issue #21326,
-# lightning/pytorch/utilities/_pytree.py); nothing in glip_pl can avoid it.
+# Lightning 2.6 builds torch's deprecated ``LeafSpec()`` for every non-container batch (Lightning #21326)
 LEAFSPEC_MESSAGE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 LEAFSPEC_MODULE = r"lightning\.pytorch\.utilities\._pytree"
 # Lightning 2.6 advertises litlogger whenever no LitLogger is configured (logger_connector.configure_logger).
@@ -102,7 +100,7 @@ class ParamsSummary(ModelSummary):
 
 
 def use_console_callbacks(trainer) -> None:
-    """Swap Lightning's default progress bar and model summary (not ones a recipe configured) for the above."""
+    """Swap Lightning's default progress bar and model summary, not ones a recipe configured."""
     for i, cb in enumerate(trainer.callbacks):
         if type(cb) is RichProgressBar:
             trainer.callbacks[i] = StepProgressBar(refresh_rate=cb.refresh_rate, leave=cb._leave, theme=cb.theme,

@@ -1,14 +1,8 @@
 """GroundingDataModule: the weighted mix of shard sources (glip_pl.data) as a LightningDataModule.
 
-Each rank reads its own shards (split by rank, then by worker); the loader's position is part of every
-checkpoint (``state_dict``), so a resumed run continues with the next unseen samples when the world size and
-workers are the same (otherwise it starts a reshuffled epoch and says so).
-
-Bad data (issue 9): training reads with ``on_error="skip"`` by default — an undecodable image, a malformed json
-record, boxes or spans out of range, or the unreadable rest of a truncated shard is dropped and counted by
-reason; the module logs the counts and stops the run, on all ranks at once, when the skipped fraction passes
-``max_skip_fraction`` (checked once ``skip_check_min_samples`` samples were seen). Pickle-type members always
-raise. Validation keeps ``val_on_error`` ("raise"): a metric over silently fewer images would mislead.
+Each rank reads its own shards; the loader's position travels with every checkpoint, so a resumed run continues
+with the next unseen samples when world size and workers are unchanged. Validation raises on bad samples by
+default, unlike training: a metric over silently fewer images would mislead.
 """
 
 from __future__ import annotations
@@ -34,12 +28,10 @@ class Source:
     name: Optional[str] = None
     kind: Optional[str] = None
     prompt_mode: Optional[str] = None  # "all": every class in id order, no negatives (fine-tuning, §3.1)
-    # Class names to use instead of index.json's, e.g. to rename an ODinW-style set's classes for the prompt:
-    # [{"id": 1, "name": "ruby disc"}, ...]; every id the shards use must be listed.
+    # instead of index.json's names, e.g. [{"id": 1, "name": "ruby disc"}, ...]; every id the shards use is listed
     categories: Optional[list[dict]] = None
-    # Weight of this source's boxes in the box regression and centerness losses (the token loss always trains
-    # them fully): 1 as gold; 0 lets boxes placed less exactly than a human's (pseudo labels) name their objects
-    # without teaching the box head their placement.
+    # box regression and centerness weight (the token loss always counts fully): 0 lets pseudo labels name their
+    # objects without teaching the box head their less exact placement
     box_loss_weight: float = 1.0
 
     def __post_init__(self):
@@ -89,8 +81,7 @@ class GroundingDataModule(L.LightningDataModule):
     ):
         """
         Args:
-            train: training sources, each ``{urls, weight, split, name, kind, prompt_mode, categories,
-                box_loss_weight}`` (``Source``); batches mix them by weight.
+            train: training sources (``Source`` fields: ``urls``, ``weight``, ...); batches mix them by weight.
             val: validation sources (box AP, val loss); stored order, all-class prompts.
             batch_size: training images per batch and device.
             val_batch_size: validation images per batch and device (default: ``batch_size``).
@@ -102,16 +93,13 @@ class GroundingDataModule(L.LightningDataModule):
             val_size: validation short side.
             val_max_size: validation long-side cap.
             num_negatives: detection prompts: negative classes sampled per image (official RANDOM_SAMPLE_NEG).
-            max_text_len: prompt token limit (classes that do not fit are left out of a detection prompt,
-                captions are truncated).
+            max_text_len: prompt token limit (classes that do not fit are left out, captions truncated).
             steps_per_epoch: training batches per epoch (default: all sources' samples // (batch x world size)).
             on_error: a bad training sample: ``skip`` it (counted by reason) or ``raise``.
             val_on_error: a bad validation sample: ``raise`` (default) or ``skip``.
-            max_skip_fraction: stop the run when more than this fraction of training samples were skipped
-                (null: no limit).
+            max_skip_fraction: stop the run when more than this fraction of training samples was skipped (null: never).
             skip_check_min_samples: samples seen before ``max_skip_fraction`` is checked.
-            tokenizer: a tokenizer folder, vocab.txt or cached model name (default: the bundled
-                bert-base-uncased vocabulary).
+            tokenizer: a tokenizer folder, vocab.txt or cached model name (default: bundled bert-base-uncased).
         """
         super().__init__()
         self.train_sources = [s if isinstance(s, Source) else Source(**s) for s in (train or [])]
@@ -134,7 +122,7 @@ class GroundingDataModule(L.LightningDataModule):
         self._check_sources()
 
     def _check_sources(self) -> None:
-        """Fail before any GPU time is spent when a source has no shards."""
+        """Fail before any GPU time is spent."""
         from glip_pl.data.pipeline import resolve_source
 
         for role, sources in (("train", self.train_sources), ("val", self.val_sources)):
@@ -208,7 +196,6 @@ class GroundingDataModule(L.LightningDataModule):
         """``glip-pl predict-batch`` detects on the val sources, with their all-class prompts."""
         return self.val_dataloader()
 
-    # -- the pipeline position travels with the checkpoint ---------------------------------------------------------
     def state_dict(self) -> dict:
         if self._train_loader is None:
             return {}
@@ -219,8 +206,8 @@ class GroundingDataModule(L.LightningDataModule):
         out = {"train_loader": mine}
         world, _ = self._world()
         if world > 1:
-            # Lightning keeps rank 0's copy only; every rank's own position (skips differ per rank) goes along so
-            # each rank resumes exactly. state_dict runs on every rank inside trainer.save_checkpoint.
+            # Lightning keeps rank 0's copy only, and positions differ per rank (skips); a collective, run by every
+            # rank inside trainer.save_checkpoint
             from glip_pl.distributed import gather_objects, is_dist
 
             if is_dist():

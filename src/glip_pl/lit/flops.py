@@ -47,8 +47,8 @@ def _identity(x):
 
 
 def fake_copy(model: nn.Module, mode) -> nn.Module:
-    """A deep copy of ``model`` on fake CPU tensors. Methods bound outside the model (the Lightning module's all-reduce
-    hook on the criterion) become the identity: the copy runs in one process."""
+    """Methods bound outside the model (the Lightning module's all-reduce hook on the criterion) become the
+    identity: the copy runs in one process."""
     memo = {}
     for t in list(model.parameters()) + list(model.buffers()):
         f = _fake(mode, t.detach())

@@ -1,23 +1,11 @@
-"""Non-finite guard (issue 9): a step whose loss (on any rank) or gradients are NaN/Inf is skipped and counted
-(``train/bad_steps``); ``max_bad_steps`` consecutive bad steps stop the run naming the steps and the checkpoint to
-resume from.
+"""Non-finite guard: a step whose loss (on any rank) or gradients are NaN/Inf is skipped and counted.
 
-How a step is skipped depends on the strategy:
-
-* single process, DDP, FSDP2: a non-finite loss makes ``training_step`` return None (Lightning skips the backward
-  pass and AdamW leaves parameters without a gradient alone); non-finite gradients are zeroed (``set_to_none``) in
-  ``on_before_optimizer_step``. Under FSDP2 each rank holds a shard of the gradients (DTensors), so the verdict is
-  all-reduced; under DDP the gradients are already all-reduced and every rank reaches the same verdict.
-* DeepSpeed: Lightning refuses a None from ``training_step`` and ZeRO keeps the gradients in its own partitions
-  (no ``.grad`` when ``on_before_optimizer_step`` runs). DeepSpeed's own overflow check (ZeRO 1/2/3 in fp32, bf16
-  with ``check_grad_overflow`` — its default — and fp16) skips a step whose gradient norm is not finite, counting it
-  in ``engine.skipped_steps``. So a non-finite loss is replaced by a loss that gives every parameter a NaN gradient,
-  and after each step ``engine.was_step_applied()`` says whether the engine skipped it. Where the engine has no such
-  check (ZeRO stage 0 in fp32) a non-finite loss stops the run with the step and the checkpoint to resume from.
-
-``GLIPLitModule`` adds this callback (``configure_callbacks``) when the trainer has none, so ``glip-pl fit`` and a
-plain ``Trainer`` both get it, with ``max_bad_steps`` from ``model.max_bad_steps`` unless given here; existing recipes
-keep working unchanged.
+Single process, DDP, FSDP2: ``training_step`` returns None for a non-finite loss (Lightning skips backward and AdamW
+leaves gradient-less parameters alone); non-finite gradients are set to None. FSDP2 ranks see only their shard, so
+that verdict is all-reduced. DeepSpeed: Lightning refuses a None and ZeRO keeps the gradients in its own
+partitions, so a non-finite loss becomes one that gives every parameter a NaN gradient and DeepSpeed's own overflow
+check (ZeRO 1/2/3 in fp32, bf16 with ``check_grad_overflow``, fp16) skips the step; ``engine.was_step_applied()``
+confirms it. ZeRO stage 0 in fp32 has no such check: the run stops.
 """
 
 from __future__ import annotations
@@ -72,8 +60,7 @@ def local_grads(params) -> list:
 
 
 class NonFiniteGuard(L.Callback):
-    """Skips and counts training steps with a non-finite loss or non-finite gradients; stops the run after
-    ``max_bad_steps`` in a row.
+    """Skips and counts steps with a non-finite loss or gradients; ``max_bad_steps`` in a row stop the run.
 
     Args:
         max_bad_steps: bad steps in a row that stop the run (None: ``model.max_bad_steps``, default 5; 0: never).
@@ -89,10 +76,8 @@ class NonFiniteGuard(L.Callback):
         self._skip_pending: Optional[str] = None  # DeepSpeed: a skip was asked for; verified after the step
         self._said_deepspeed = False
 
-    # ------------------------------------------------------------------ loss (called by training_step)
     def check_loss(self, trainer, pl_module, total: Tensor) -> Optional[Tensor]:
-        """``total`` when it is finite on every rank; otherwise the step is counted as bad and what
-        ``training_step`` should return comes back: None, or under DeepSpeed a loss that makes the engine skip."""
+        """What ``training_step`` returns: ``total`` when finite on every rank, else None or (DeepSpeed) a NaN loss."""
         ok = all_ranks_true(bool(torch.isfinite(total.detach()).all()), total.device)
         if ok:
             return total
@@ -113,7 +98,6 @@ class NonFiniteGuard(L.Callback):
         anchor = sum(p.sum() for p in pl_module.parameters() if p.requires_grad)
         return anchor * float("nan")
 
-    # ------------------------------------------------------------------ gradients
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         grads = local_grads(params)
@@ -155,7 +139,6 @@ class NonFiniteGuard(L.Callback):
         else:
             self.bad_in_row = 0
 
-    # ------------------------------------------------------------------ counting
     def limit(self, pl_module) -> int:
         if self.max_bad_steps is not None:
             return int(self.max_bad_steps)
@@ -185,7 +168,6 @@ class NonFiniteGuard(L.Callback):
             trainer.default_root_dir, "checkpoints")
         return find_resume_checkpoint(d, verbose=False) or f"no valid checkpoint found in {d}"
 
-    # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         return {"bad_in_row": self.bad_in_row, "bad_total": self.bad_total, "bad_first": self.bad_first}
 
@@ -195,8 +177,7 @@ class NonFiniteGuard(L.Callback):
         self.bad_first = int(state_dict.get("bad_first", 0))
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        # checkpoints written before the guard was a callback kept its counters with the RNG state;
-        # load_state_dict (called after this when the checkpoint has the callback's state) takes precedence
+        # older checkpoints kept the counters with the RNG state; load_state_dict (called after this) wins
         old = checkpoint.get("glip_pl_rng") or {}
         if "bad_in_row" in old:
             self.bad_in_row, self.bad_total = int(old["bad_in_row"]), int(old["bad_total"])

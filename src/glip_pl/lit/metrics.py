@@ -1,8 +1,7 @@
 """Box AP of a validation epoch: per-image ground truth and detections → COCO dicts → ``evaluate_coco``.
 
-Scoring is ``eval/coco.py``'s (the one AP implementation); this file only builds its inputs. ``CocoEvaluator`` does
-not fit here: it needs the ground truth up front as a COCO file with integer image ids and scores without per-category
-AP, while validation reads its ground truth from the shards, batch by batch, keyed by sample id."""
+Not ``CocoEvaluator``: it needs the ground truth up front as a COCO file with integer image ids, while validation
+reads it from the shards, batch by batch, keyed by sample id."""
 
 from __future__ import annotations
 
@@ -10,9 +9,8 @@ from __future__ import annotations
 def box_ap(gt: list, dt: list, verbose: bool = False, per_category: bool = False, names: dict | None = None) -> dict:
     """gt: [(image_key, (h, w), boxes xyxy, category ids)], dt: [(image_key, boxes xyxy, scores, category ids)].
 
-    Every image is counted once (the first occurrence of its key), so sampler padding or a repeated shard cannot
-    inflate the metric. Returns the 12 COCO metrics (AP, AP50, ...); ``per_category`` adds ``"per_category"``
-    ({category id: {name, AP, AP50, AP75, instances}}, names from ``names`` where given).
+    Every image counts once (its key's first occurrence), so sampler padding or a repeated shard cannot inflate the
+    metric. ``per_category`` adds {category id: {name, AP, AP50, AP75, instances}}.
     """
     from glip_pl.eval.coco import evaluate_coco
 

@@ -1,17 +1,6 @@
 """GLIPLitModule: the thin Lightning shell around ``glip_pl.model`` (training/validation steps, optimiser).
 
-Each concern beside the steps has its own file: the optimiser, its parameter groups and the lr schedules
-(step/cosine/constant and the official auto-step) in ``lit/optim.py``; the non-finite loss/gradient guard in
-``lit/guards.py`` (``NonFiniteGuard``, a callback this module adds when the trainer has none, configured by
-``max_bad_steps``); the RNG state that travels with the checkpoint in ``lit/checkpointing.py``; validation box AP
-in ``lit/metrics.py`` on top of ``eval/coco.py``. Under auto-step, rank 0's AP decides for every rank and the
-plateau state travels with the checkpoint. The positive-count normaliser of the loss is averaged across ranks
-with one all-reduce (the hook the criterion exposes as ``reduce_mean``).
-
-Bad samples skipped by the data pipeline are logged per reason (``data/skipped/<reason>``) and the run stops when
-their fraction, summed over ranks so all ranks stop together, passes ``data.max_skip_fraction``.
-``GLIP_PL_RECORD_IDS=<file>`` appends each step's sample ids (one json line per step and rank): a debug and test
-aid for exact-resume checks.
+``GLIP_PL_RECORD_IDS=<file>`` appends each step's sample ids (a json line per step and rank): exact-resume checks.
 """
 
 from __future__ import annotations
@@ -62,8 +51,7 @@ class GLIPLitModule(L.LightningModule):
         """
         Args:
             preset: model preset (``tiny``, ``glip_t_a``, ``glip_t``, ``glip_l``; ``glip_pl.model.presets``).
-            model_options: keyword arguments for ``build_glip`` on top of the preset (e.g. ``use_sdpa``,
-                ``prompt_tuning``, ``checkpoint_fusion``, pretrained parts ``swin__pretrained`` / ``text__pretrained``).
+            model_options: ``build_glip`` keyword arguments on top of the preset (``use_sdpa``, ``swin__pretrained``).
             lr: AdamW learning rate of everything but the language backbone.
             lang_lr: learning rate of the language backbone (BERT).
             weight_decay: AdamW weight decay.
@@ -78,14 +66,11 @@ class GLIPLitModule(L.LightningModule):
             init_weights: checkpoint whose model weights start the run (fine-tuning; loaded strictly).
             eval_score_thresh: validation detections below this score are dropped before box AP.
             val_per_class: also print each val category's AP and log it as ``val/AP_per_class/<id>``.
-            log_images_every_n_steps: unused, kept so older recipes parse; W&B images come from the
-                ``glip_pl.lit.callbacks.ValidationImageLogger`` callback.
+            log_images_every_n_steps: unused, kept so older recipes parse (images: ``ValidationImageLogger``).
             max_bad_steps: non-finite loss or gradient steps in a row that stop the run (0: never stop).
-            compile_head: ``torch.compile`` the fusion head in place (checkpoint names unchanged); validation
-                stays eager.
+            compile_head: ``torch.compile`` the fusion head in place (checkpoint names unchanged; validation eager).
             compile_options: keyword arguments for ``torch.compile`` (``mode``, ``dynamic``, ``backend``).
-            compile_step: ``torch.compile`` the whole training forward + loss as one graph instead of the head
-                (tests/model/test_graph_breaks.py); excludes ``compile_head``.
+            compile_step: ``torch.compile`` the whole training forward + loss as one graph; excludes ``compile_head``.
         """
         super().__init__()
         if schedule not in SCHEDULES:
@@ -104,7 +89,7 @@ class GLIPLitModule(L.LightningModule):
                                  "compiles the head too, with the rest of the forward and the loss)")
         if compile_head:
             self.model.head.compile(**(compile_options or {}))
-        self._compiled_forward_loss = None  # built on first use by compile_step
+        self._compiled_forward_loss = None
         self._val_gt: list = []
         self._val_dt: list = []
         self._autostep = optim.AutoStep(autostep_patience)
@@ -117,12 +102,9 @@ class GLIPLitModule(L.LightningModule):
     def autostep_state(self, value: dict) -> None:
         self._autostep.state = value
 
-    # ------------------------------------------------------------------ distributed hook
     def _reduce_mean(self, value: Tensor) -> Tensor:
-        """Average a normaliser across ranks (the positive-count all-reduce of the official loss).
-
-        A plain all-reduce: Lightning's ``strategy.reduce`` runs a barrier first (a host block every step, and two
-        graph breaks under ``compile_step``)."""
+        """Not Lightning's ``strategy.reduce``: it runs a barrier first (a host block every step, and two graph
+        breaks under ``compile_step``)."""
         trainer = getattr(self, "_trainer", None)
         if trainer is None or trainer.world_size == 1:
             return value
@@ -135,12 +117,10 @@ class GLIPLitModule(L.LightningModule):
         return out / dist.get_world_size()
 
     def configure_model(self):
-        # FSDP2 shards here under ModelParallelStrategy (glip_pl.lit.strategies); other strategies: no-op
         from glip_pl.lit.strategies import configure_sharding
 
         configure_sharding(self)
 
-    # ------------------------------------------------------------------ steps
     def forward(self, batch):
         return self.model(batch.images, batch.image_sizes, batch.text)
 
@@ -171,10 +151,8 @@ class GLIPLitModule(L.LightningModule):
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
         return total
 
-    # ------------------------------------------------------------------ reliability
     def configure_callbacks(self):
-        """A ``NonFiniteGuard`` (limit ``max_bad_steps``) when the trainer has none: every ``glip-pl fit`` and plain
-        ``Trainer`` run gets one; a recipe may list its own (``trainer.callbacks``) to configure it."""
+        """A ``NonFiniteGuard`` when the trainer has none, so plain ``Trainer`` runs are guarded too."""
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
             return []
@@ -187,7 +165,7 @@ class GLIPLitModule(L.LightningModule):
         return next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
 
     def _check_skips(self, batch) -> None:
-        """Log skipped samples per reason; stop every rank together when too many were skipped."""
+        """Stop every rank together (counts summed over ranks) when too many samples were skipped."""
         totals = getattr(batch, "skip_totals", None)
         if not totals:
             return
@@ -259,9 +237,7 @@ class GLIPLitModule(L.LightningModule):
                         "phrases": [names[p] if p < len(names) else str(p) for p in phrase]})
         return out
 
-    # ------------------------------------------------------------------ COCO-style AP on the validation split
     def _collect_for_ap(self, batch, dets) -> None:
-        """Keep GT (original pixels) and detections, labelled by the phrase's category, for box AP."""
         for b, det in enumerate(dets):
             sx = float(batch.orig_sizes[b, 1]) / float(batch.image_sizes[b, 1])
             sy = float(batch.orig_sizes[b, 0]) / float(batch.image_sizes[b, 0])
@@ -293,8 +269,8 @@ class GLIPLitModule(L.LightningModule):
             metrics = box_ap(gt, dt, per_category=per_class, names=names_of() if names_of else None)
             shown = self._print_ap(metrics, len({g[0] for g in gt}))
         if self.trainer.world_size > 1:
-            # every rank logs rank 0's AP, so monitors (ModelCheckpoint, EarlyStopping, auto-step) agree on all ranks;
-            # the other ranks would wait for rank 0 at the next step's gradient all-reduce anyway
+            # monitors (ModelCheckpoint, EarlyStopping, auto-step) must agree on all ranks; the others would wait
+            # for rank 0 at the next step's gradient all-reduce anyway
             metrics = self.trainer.strategy.broadcast(metrics, src=0)
         if metrics is None:
             return
@@ -333,7 +309,7 @@ class GLIPLitModule(L.LightningModule):
         return True
 
     def autostep_update(self, metric: float) -> bool:
-        """One validation's AP into the official auto-step rule; True when the lr was just decayed."""
+        """True when this validation's AP just decayed the lr (official auto-step rule)."""
         decayed = self._autostep.update(metric)
         if decayed:
             st = self._autostep.state
@@ -344,7 +320,6 @@ class GLIPLitModule(L.LightningModule):
                       f"(stage {st['stage']})", flush=True)
         return decayed
 
-    # ------------------------------------------------------------------ optimiser (lit/optim.py)
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(optim.param_groups(self.model, hp.lr, hp.lang_lr, hp.weight_decay,

@@ -1,16 +1,8 @@
 """Optimiser and learning-rate schedules of the official pretraining and fine-tune recipes (reference §5).
 
-AdamW, lr 1e-4, language backbone 1e-5, weight decay per recipe, optional official bias rule (every tensor whose
-name contains "bias": 2× lr, no decay), linear warmup from ``warmup_factor`` over ``warmup_steps``, then one of:
-
-* ``step``: ×``gamma`` at each milestone (fractions of the run, 67% / 89% by default);
-* ``cosine``: half a cosine from 1 to 0 over the steps after warmup;
-* ``constant``;
-* ``autostep``: the official fine-tune's auto-step (``SOLVER.USE_AUTOSTEP``, ``WarmupReduceLROnPlateau``): the lr is
-  multiplied by ``gamma`` whenever val box AP has not beaten its best by more than 1e-4 (absolute) for ``patience``
-  validations (official ``STEP_PATIENCE`` 3), with a cooldown of one validation after each decay and before the
-  first. The caller decides whose AP counts (``GLIPLitModule``: rank 0's, for every rank) and keeps the state in the
-  checkpoint.
+``autostep`` is the official fine-tune's ``WarmupReduceLROnPlateau`` (``SOLVER.USE_AUTOSTEP``): x``gamma`` when val
+AP has not beaten its best by 1e-4 (absolute) for ``patience`` validations, with one validation of cooldown after
+each decay and before the first.
 """
 
 from __future__ import annotations
@@ -46,7 +38,6 @@ def param_groups(model: torch.nn.Module, lr: float, lang_lr: float, weight_decay
 
 
 def total_steps(trainer) -> int:
-    """The run's length in optimiser steps, which the step and cosine schedules are laid out on."""
     if trainer.max_steps and trainer.max_steps > 0:
         return int(trainer.max_steps)
     try:
@@ -93,7 +84,7 @@ class AutoStep:
         self.state = {"best": -math.inf, "bad": 0, "cooldown": AUTOSTEP_COOLDOWN, "stage": 0}
 
     def update(self, metric: float) -> bool:
-        """One validation's AP into the rule; True when the lr was just decayed."""
+        """True when the lr was just decayed."""
         st = self.state
         if metric > st["best"] + AUTOSTEP_THRESHOLD:
             st["best"], st["bad"] = metric, 0

@@ -1,9 +1,6 @@
-"""Where ``glip-pl predict-batch`` puts its detections: one json line per image, one file per rank.
-
-Written at each batch's end, so a large shard set is never held in memory and an interrupted run keeps what it
-wrote. A line is ``GLIPLitModule.predict_step``'s record: ``id``, ``source``, ``height``, ``width``, ``boxes``
-(x1, y1, x2, y2 in original pixels), ``scores``, ``labels`` (the category ids of the prompt's phrases) and
-``phrases``.
+"""Where ``glip-pl predict-batch`` puts its detections: one json line per image (``GLIPLitModule.predict_step``'s
+record, boxes x1, y1, x2, y2 in original pixels), one file per rank. Written at each batch's end, so a large shard
+set is never held in memory and an interrupted run keeps what it wrote.
 """
 
 from __future__ import annotations
@@ -18,8 +15,7 @@ class DetectionWriter(L.Callback):
     """Appends each predicted image to ``<output_dir>/predictions-rank<R>.jsonl``.
 
     Args:
-        output_dir: folder of the files (made when missing); ``glip-pl predict-batch`` adds this writer with
-            ``<trainer.default_root_dir>/predictions`` when the recipe lists none.
+        output_dir: folder of the files (``glip-pl predict-batch`` default: ``<default_root_dir>/predictions``).
     """
 
     def __init__(self, output_dir: str):

@@ -116,8 +116,7 @@ class RecipeConfigFile(ActionConfigFile):
 
 
 class RecipeArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser; a ``--config`` recipe with a base is parsed as the composed text that
-    ``RecipeConfigFile`` prepared (the file's path still names it in messages and in ``config``)."""
+    """Parses a based recipe as ``RecipeConfigFile``'s composed text; its path still names it in messages."""
 
     def parse_string(self, content: str, *args, **kwargs):
         composed = _composed.get()

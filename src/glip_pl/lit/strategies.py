@@ -1,24 +1,10 @@
-"""Distribution strategies for GLIP in one place (DESIGN.md practice 10): FSDP2 sharding per GLIP block, activation
-checkpointing and mixed precision. Nothing in ``glip_pl.model`` knows which strategy runs it.
+"""Distribution strategies for GLIP in one place: FSDP2 sharding per GLIP block, activation checkpointing and mixed
+precision. Nothing in ``glip_pl.model`` knows which strategy runs it.
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) runs through Lightning's ``ModelParallelStrategy``: the strategy
-builds the device mesh, ``GLIPLitModule.configure_model`` calls :func:`configure_sharding`, which applies
-``fully_shard`` to every GLIP block (:func:`glip_block_classes`: Swin blocks, BERT layers, the head's text layers,
-fusion blocks, DyHead blocks) and then to the whole GLIP model (the root: stem, FPN, embeddings, output convs).
-Each rank keeps 1/world of every parameter, gradient and AdamW state; a block's parameters are all-gathered just
-before its forward (and again for its backward) and freed after.
-
-Lightning's ``FSDPStrategy`` (FSDP1) refuses a CPU accelerator, so it could never be tested here; FSDP2 runs on CPU
-with gloo, and the same code runs on GPUs with NCCL. Recipes select it with ``trainer.strategy.class_path:
-glip_pl.lit.strategies.GLIPFSDP2Strategy`` (``recipes/cluster/fsdp.yaml``).
-
-Activation checkpointing: the strategy turns on the model's own switches (``checkpoint_backbone``,
-``checkpoint_text``, ``checkpoint_fusion``, ``checkpoint_dyhead``: non-reentrant ``torch.utils.checkpoint``
-around the same blocks) rather than wrapping blocks with ``checkpoint_wrapper``: a wrapper renames every parameter
-(``..._checkpoint_wrapped_module...``) in ``named_parameters`` and thus in the optimizer's groups and in sharded
-checkpoints, while the switches leave names, checkpoints and the DDP/DeepSpeed paths unchanged. Recomputing a
-checkpointed block in backward runs its FSDP pre-forward hook again, so its parameters are all-gathered for the
-recompute as FSDP2 expects.
+FSDP2 through Lightning's ``ModelParallelStrategy``, not FSDP1's ``FSDPStrategy``: that one refuses a CPU
+accelerator, so it could never be tested here; FSDP2 runs on CPU with gloo and on GPUs with NCCL.
+Activation checkpointing turns on the model's own switches rather than wrapping blocks with ``checkpoint_wrapper``,
+which renames every parameter (``..._checkpoint_wrapped_module...``) in the optimizer's groups and in checkpoints.
 """
 
 from __future__ import annotations
@@ -91,8 +77,7 @@ def shard_glip(model: torch.nn.Module, mesh, *, reshard_after_forward: bool = Tr
 
 
 def configure_sharding(lit_module) -> None:
-    """``GLIPLitModule.configure_model``: shard ``lit_module.model`` when the trainer's strategy is a
-    ``ModelParallelStrategy`` (any other strategy: nothing to do). Idempotent, as Lightning asks of the hook."""
+    """Shard under a ``ModelParallelStrategy``, else nothing; idempotent, as Lightning asks of ``configure_model``."""
     from torch.distributed.fsdp import FSDPModule
 
     trainer = getattr(lit_module, "_trainer", None)
@@ -123,17 +108,11 @@ class GLIPFSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over every process (data parallel = world size, no tensor parallelism), one unit per GLIP block.
 
     Args:
-        activation_checkpointing: ``true`` (all four parts), ``false``, or a list of parts among ``backbone``,
-            ``text``, ``fusion``, ``dyhead``: the model's own checkpointing switches, turned on before sharding
-            (switches a recipe already sets in ``model_options`` stay on either way).
-        param_dtype: FSDP2 ``MixedPrecisionPolicy`` compute dtype (e.g. ``bf16``: blocks compute with bf16 copies of
-            the fp32 sharded parameters; ``null`` keeps fp32). Needs ``trainer.precision: bf16-mixed`` (autocast):
-            the image normalisation runs in fp32 and meets the first conv.
+        activation_checkpointing: ``true`` (all parts), ``false``, or a list of ``CHECKPOINT_PARTS``.
+        param_dtype: compute dtype of the blocks (``bf16``; ``null``: fp32); needs ``trainer.precision: bf16-mixed``.
         reduce_dtype: dtype of the gradient reduction (e.g. ``fp32``; ``null``: the parameters' dtype).
-        reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3-like, least memory)
-            or keep them until backward (``false``: ZeRO-2-like, one all-gather less per block and step).
-        save_distributed_checkpoint: as Lightning's (``true``: a directory, one shard file per rank, written with
-            ``torch.distributed.checkpoint``; ``glip-pl consolidate`` turns it into one file).
+        reshard_after_forward: free gathered parameters after forward (ZeRO-3-like) or keep them (ZeRO-2-like).
+        save_distributed_checkpoint: one shard file per rank (``glip-pl consolidate`` makes one file of it).
         data_parallel_size: processes that shard the model (``auto``: all).
         **kwargs: Lightning's ``ModelParallelStrategy`` arguments.
     """
@@ -171,8 +150,7 @@ class GLIPFSDP2Strategy(ModelParallelStrategy):
         return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def setup_environment(self) -> None:
-        # Lightning's "auto" is one data-parallel group per node (tensor parallelism inside a node); GLIP shards
-        # over every process instead
+        # Lightning's "auto" is one data-parallel group per node (tensor parallel inside); GLIP shards over all
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()

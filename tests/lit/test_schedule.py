@@ -52,7 +52,9 @@ def test_autostep_in_a_fit_decays_the_optimizer_lr_and_resumes_its_state(tmp_pat
     from glip_pl.lit.datamodule import GroundingDataModule
 
     scripted = iter([0.1, 0.1, 0.1, 0.1, 0.1, 0.1])  # best 0.1 under cooldown, then 2 bad -> decay after val 3
-    monkeypatch.setattr(metrics, "box_ap", lambda gt, dt, **kw: {"AP": next(scripted), "AP50": 0.0, "AP75": 0.0})
+    # box_ap's full result: the size and recall figures are COCO's -1 (none of that size), which are not logged
+    monkeypatch.setattr(metrics, "box_ap", lambda gt, dt, **kw: {"AP": next(scripted), "AP50": 0.0, "AP75": 0.0,
+                                                                 "APs": -1.0, "APm": -1.0, "APl": -1.0, "AR100": -1.0})
     dm = GroundingDataModule(train=[{"urls": f"{synthetic_shards}/detection"}],
                              val=[{"urls": f"{synthetic_shards}/detection", "split": "val"}], batch_size=2,
                              num_workers=0, train_min_sizes=(128,), train_max_size=160, val_size=128,

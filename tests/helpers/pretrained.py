@@ -16,6 +16,7 @@ AP_LINE = re.compile(r"\[glip_pl\] step (\d+): val box AP ([0-9.]+)")
 # The shared pre-training: 300 steps of batch 4 at 192 px (synthetic scenes are 256 px), the demo's lr schedule.
 # Measured (one seed): box AP 0.32 on the val split; 150 steps of batch 2 at 128 px (the earlier budget, ~1/4 the
 # cost) reached 0.04-0.12, too weak to tell the classes apart by their names, so a new prompt had nothing to read.
+# experiments/label_students.py trains its teacher with the same config (it cannot import tests/): keep them equal.
 PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_SIZE = 300, 4, 192
 SIZE = 160  # image side of the runs that start from it (transfer, pseudo-labelling): cheaper, still readable
 

@@ -52,12 +52,8 @@ def synthetic_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pretrained_tiny(tmp_path_factory, synthetic_shards):
     """(folder, last.ckpt) of one tiny model pre-trained through ``glip-pl fit`` on the synthetic shards
-    (tests/_tiny_fit.py): the transfer tests fine-tune it, the pseudo-label quality test labels with it."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _tiny_fit import pretrain
+    (tests/helpers/pretrained.py): the transfer tests fine-tune it, the pseudo-label quality test labels with it."""
+    from helpers.pretrained import pretrain
 
     tmp = tmp_path_factory.mktemp("pretrained_tiny")
     return tmp, pretrain(tmp, synthetic_shards)

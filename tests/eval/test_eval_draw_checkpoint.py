@@ -18,7 +18,7 @@ MATCH_IOU = 0.5
 
 
 def test_label_on_top_of_each_object_is_its_top_scoring_phrase(pretrained_tiny, synthetic_shards):
-    from _tiny_fit import PRETRAIN_SIZE
+    from helpers.pretrained import PRETRAIN_SIZE
 
     predictor = Predictor.from_checkpoint(str(pretrained_tiny[1]))
     assert predictor.min_size == PRETRAIN_SIZE  # the checkpoint's val_size, not 800

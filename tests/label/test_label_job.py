@@ -209,7 +209,7 @@ def test_sigterm_and_sigkill_then_restart_label_every_caption_exactly_once(pretr
     inp = tmp_path / "in"
     ids = _carve_caption_shards(f"{synthetic_shards}/caption", inp, per_shard=4, n_shards=3, undecodable=6)
     names = [f"val-{i:06d}.tar" for i in range(3)]
-    # the teacher's own labelling size (tests/_tiny_fit.py SIZE); score > 0.3, top-1 box per phrase as in
+    # the teacher's own labelling size (tests/helpers/pretrained.py SIZE); score > 0.3, top-1 box per phrase as in
     # test_pseudo_quality.py, where this teacher's boxes are ~0.7 precise
     opts = dict(split="val", batch_size=1, min_size=160, max_size=160,
                 filters={"score_thresh": 0.3, "top_k": 1, "min_boxes": 1})

@@ -6,14 +6,11 @@ demo's 400-step teacher reaches 0.82 / 0.81, measured outside the suite (docs/ex
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_fit import PRETRAIN_STEPS, SIZE, glip_pl  # noqa: E402
+from helpers.cli import glip_pl
+from helpers.pretrained import PRETRAIN_STEPS, SIZE
 
 pytest.importorskip("spacy")
 pytestmark = pytest.mark.slow
@@ -29,7 +26,7 @@ def test_teacher_pseudo_boxes_match_hidden_truth(tmp_path, synthetic_shards, pre
         load_nlp(MODEL)
     except SpacyModelMissing as e:
         pytest.skip(str(e))
-    run = pretrained_tiny[1].parent.parent  # the teacher: the shared CLI-trained tiny run (tests/_tiny_fit.py)
+    run = pretrained_tiny[1].parent.parent  # the teacher: the shared CLI-trained tiny run (tests/helpers/pretrained.py)
     assert (run / "checkpoints" / "last.ckpt").exists()
 
     out = tmp_path / "pseudo"
@@ -49,7 +46,7 @@ def test_teacher_pseudo_boxes_match_hidden_truth(tmp_path, synthetic_shards, pre
     assert s["precision"] >= PRECISION_MIN and s["recall"] >= RECALL_MIN, s
 
 
-# Measured with this budget (the shared teacher of tests/_tiny_fit.py: 300 steps of batch 4 at 192 px, seed 7; the
+# Measured with this budget (the shared teacher, pretrained_tiny: 300 steps of batch 4 at 192 px, seed 7; the
 # 3.0 M tiny preset; labelling at 160 px): precision 0.69, recall 0.70 at IoU 0.5 (phrase-aware, score > 0.3, top-1
 # box per phrase; 74 true boxes). The demo's budget (400 steps at 256 px) reaches 0.82 / 0.81 with score > 0.4 and
 # top-1 on the 512 caption scenes (docs/experiments/pseudo_labelling.md); the earlier 150-step, 128-px teacher 0.32 / 0.32.

@@ -1,77 +1,29 @@
 """The tiny preset trains end-to-end through the real CLI (``glip-pl fit``) on synthetic shards, validates with box
 AP, saves checkpoints with the resolved config and the data position, resumes, and refuses bad input early."""
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import glip_pl
+from helpers.recipe import checkpoint, tiny_recipe, wandb_logger
 
 
-def recipe(tmp: Path, shards: str, steps: int = 6, extra: str = "", workers: int = 1) -> Path:
+def recipe(tmp: Path, shards: str, steps: int = 6, workers: int = 1, train: list | None = None):
     run = tmp / "run"
-    text = textwrap.dedent(f"""\
-        seed_everything: 7
-        trainer:
-          accelerator: cpu
-          devices: 1
-          max_steps: {steps}
-          log_every_n_steps: 1
-          val_check_interval: {steps}
-          check_val_every_n_epoch: null
-          limit_val_batches: 2
-          num_sanity_val_steps: 0
-          enable_progress_bar: false
-          enable_model_summary: false
-          default_root_dir: {run}
-          logger:
-            class_path: glip_pl.lit.logging.GLIPWandbLogger
-            init_args:
-              save_dir: {run}
-          callbacks:
-            - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-              init_args:
-                dirpath: {run}/checkpoints
-                every_n_train_steps: 3
-                save_last: true
-                save_top_k: -1
-        model:
-          preset: tiny
-          lr: 0.001
-          lang_lr: 0.001
-          warmup_steps: 2
-        data:
-          train:
-            - urls: {shards}/detection
-            - urls: {shards}/grounding
-          val:
-            - urls: {shards}/detection
-              split: val
-          batch_size: 2
-          num_workers: {workers}
-          train_min_sizes: [128]
-          train_max_size: 160
-          val_size: 128
-          val_max_size: 160
-          num_negatives: 4
-        """) + extra
-    path = tmp / "recipe.yaml"
-    path.write_text(text)
-    return path
-
-
-def glip_pl(*args, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "glip_pl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return tiny_recipe(
+        tmp, shards, steps=steps,
+        trainer={"val_check_interval": steps, "check_val_every_n_epoch": None, "limit_val_batches": 2,
+                 "logger": wandb_logger(run),
+                 "callbacks": [checkpoint(run, every=3, cls="lightning.pytorch.callbacks.ModelCheckpoint")]},
+        data={"val": [{"urls": f"{shards}/detection", "split": "val"}], "num_workers": workers,
+              "train_min_sizes": [128], "train_max_size": 160, "val_size": 128, "val_max_size": 160,
+              **({"train": train} if train else {})})
 
 
 def test_fit_validate_checkpoint_and_resume(tmp_path, synthetic_shards):
     cfg = recipe(tmp_path, synthetic_shards)
-    r = glip_pl("fit", "--config", str(cfg))
+    r = glip_pl("fit", *cfg.args)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "val box AP" in r.stdout, r.stdout[-2000:]
     ckdir = tmp_path / "run" / "checkpoints"
@@ -84,7 +36,7 @@ def test_fit_validate_checkpoint_and_resume(tmp_path, synthetic_shards):
     run_id = (tmp_path / "run" / "wandb_run_id").read_text()
 
     # a restarted job resumes from last.ckpt on its own and continues the same W&B run
-    r2 = glip_pl("fit", "--config", str(cfg), "--trainer.max_steps", "9")
+    r2 = glip_pl("fit", *cfg.args, "--trainer.max_steps", "9")
     assert r2.returncode == 0, r2.stderr[-4000:]
     assert "resuming from" in r2.stderr
     ck2 = torch.load(ckdir / "last.ckpt", weights_only=True)
@@ -92,7 +44,7 @@ def test_fit_validate_checkpoint_and_resume(tmp_path, synthetic_shards):
     assert (tmp_path / "run" / "wandb_run_id").read_text() == run_id
 
     # validating a checkpoint names the checkpoint's step (the validate loop itself starts at step 0)
-    r3 = glip_pl("validate", "--config", str(cfg), "--ckpt_path", str(ckdir / "last.ckpt"))
+    r3 = glip_pl("validate", *cfg.args, "--ckpt_path", str(ckdir / "last.ckpt"))
     assert r3.returncode == 0, r3.stderr[-4000:]
     assert "[glip_pl] checkpoint step 9: val box AP" in r3.stdout, r3.stdout[-2000:]
 
@@ -104,16 +56,16 @@ def test_fit_validate_checkpoint_and_resume(tmp_path, synthetic_shards):
 
 
 def test_missing_shards_fail_before_training(tmp_path, synthetic_shards):
-    cfg = recipe(tmp_path, synthetic_shards)
-    cfg.write_text(cfg.read_text().replace(f"{synthetic_shards}/grounding", f"{tmp_path}/nowhere"))
-    r = glip_pl("fit", "--config", str(cfg))
+    cfg = recipe(tmp_path, synthetic_shards,
+                 train=[{"urls": f"{synthetic_shards}/detection"}, {"urls": f"{tmp_path}/nowhere"}])
+    r = glip_pl("fit", *cfg.args)
     assert r.returncode != 0
     assert "data.train[1]" in r.stderr and "nowhere" in r.stderr
 
 
 def test_too_few_shards_for_workers_is_a_clear_error(tmp_path, synthetic_shards):
     cfg = recipe(tmp_path, synthetic_shards, workers=8)
-    r = glip_pl("fit", "--config", str(cfg))
+    r = glip_pl("fit", *cfg.args)
     assert r.returncode != 0
     assert "has 6 shard(s)" in r.stderr and "num_workers 8 = 8 readers" in r.stderr
 

@@ -11,25 +11,18 @@ gradients and the run stops after ``max_bad_steps`` (BENCHMARKS.md, "Precision")
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import torch
-import yaml
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "reliability"))
-from _recipes import glip_pl, small_recipe  # noqa: E402
+from helpers.cli import glip_pl
+from helpers.recipe import tiny_recipe
 
 FIRST, TOTAL = 3, 5
 
 
-def _bf16_recipe(tmp: Path, shards: str, steps: int) -> Path:
-    path = small_recipe(tmp, shards, steps=steps, every=FIRST, name="bf16")
-    cfg = yaml.safe_load(path.read_text())
-    cfg["trainer"]["precision"] = "bf16-mixed"
-    cfg["data"]["train_min_sizes"], cfg["data"]["train_max_size"] = [96], 128  # see the module docstring
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+def _bf16_recipe(tmp: Path, shards: str, steps: int):
+    return tiny_recipe(tmp, shards, "bf16", steps=steps, every=FIRST, trainer={"precision": "bf16-mixed"},
+                       data={"train_min_sizes": [96], "train_max_size": 128})  # see the module docstring
 
 
 def _train_losses(run: Path) -> dict:
@@ -51,7 +44,7 @@ def _ckpt(run: Path) -> dict:
 
 def test_bf16_mixed_fit_checkpoints_and_resumes(tmp_path, synthetic_shards):
     run = tmp_path / "bf16"
-    r = glip_pl("fit", "--config", str(_bf16_recipe(tmp_path, synthetic_shards, FIRST)), timeout=300)
+    r = glip_pl("fit", *_bf16_recipe(tmp_path, synthetic_shards, FIRST).args, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "bf16" in (r.stdout + r.stderr).lower()  # Lightning reports the mixed-precision setting it uses
     first = _ckpt(run)
@@ -60,7 +53,7 @@ def test_bf16_mixed_fit_checkpoints_and_resumes(tmp_path, synthetic_shards):
     assert weights and all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
-    r = glip_pl("fit", "--config", str(_bf16_recipe(tmp_path, synthetic_shards, TOTAL)), timeout=300)
+    r = glip_pl("fit", *_bf16_recipe(tmp_path, synthetic_shards, TOTAL).args, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     second = _ckpt(run)
     assert second["global_step"] == TOTAL

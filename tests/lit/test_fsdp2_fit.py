@@ -10,16 +10,12 @@ ones included), so the comparison does not depend on each strategy drawing rando
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import launch_nodes, wait_all
+from helpers.recipe import batch_trace, checkpoint, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -28,80 +24,18 @@ LR, LANG_LR = 0.001, 0.0005
 FSDP2 = "glip_pl.lit.strategies.GLIPFSDP2Strategy"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _recipe(tmp: Path, shards: str, name: str, strategy: str) -> Path:
+def _recipe(tmp: Path, shards: str, name: str, strategy):
     run = tmp / name
-    text = textwrap.dedent(f"""\
-        seed_everything: 7
-        trainer:
-          accelerator: cpu
-          devices: 1
-          num_nodes: 2
-          strategy: STRATEGY
-          max_steps: {STEPS}
-          log_every_n_steps: 1
-          limit_val_batches: 0
-          num_sanity_val_steps: 0
-          enable_progress_bar: false
-          enable_model_summary: false
-          default_root_dir: {run}
-          logger: false
-          callbacks:
-            - class_path: glip_pl.lit.checkpointing.AtomicModelCheckpoint
-              init_args:
-                dirpath: {run}/checkpoints
-                every_n_train_steps: {STOP}
-                save_last: true
-                save_top_k: -1
-            - class_path: glip_pl.lit.callbacks.BatchTrace
-              init_args:
-                out_dir: {run}/trace
-                disable_dropout: true
-        model:
-          preset: tiny
-          lr: {LR}
-          lang_lr: {LANG_LR}
-          official_bias_rule: true
-          warmup_steps: 2
-          schedule: constant  # the step schedule's milestones depend on max_steps, which the stopped run lowers
-        data:
-          train:
-            - urls: {shards}/detection
-            - urls: {shards}/grounding
-          batch_size: 2
-          num_workers: 0
-          train_min_sizes: [64, 96]
-          train_max_size: 128
-          num_negatives: 4
-        """).replace("STRATEGY", strategy)
-    path = tmp / f"{name}.yaml"
-    path.write_text(text)
-    return path
+    return tiny_recipe(
+        tmp, shards, name, steps=STEPS,
+        trainer={"num_nodes": 2, "strategy": strategy, "logger": False,
+                 "callbacks": [checkpoint(run, every=STOP), batch_trace(run / "trace", disable_dropout=True)]},
+        # the step schedule's milestones depend on max_steps, which the stopped run lowers
+        model={"lr": LR, "lang_lr": LANG_LR, "official_bias_rule": True, "schedule": "constant"})
 
 
-def _pair(cfg: Path, *extra: str, timeout: float = 400) -> list:
-    port, procs = _port(), []
-    for node in (0, 1):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node), "WORLD_SIZE": "2"}
-        for var in ("RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(var, None)
-        procs.append(subprocess.Popen([sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(cfg), *extra],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    out, deadline = [], time.monotonic() + timeout
-    try:
-        for p in procs:
-            o, e = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            out.append((p.returncode, o, e))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+def _pair(cfg, *extra: str, timeout: float = 400) -> list:
+    out = wait_all(launch_nodes("fit", *cfg.args, *extra), timeout)
     for rc, o, e in out:
         assert rc == 0, e[-4000:]
     return out
@@ -126,7 +60,7 @@ def _dcp(path: Path) -> dict:
 def runs(tmp_path_factory, synthetic_shards):
     tmp = tmp_path_factory.mktemp("fsdp2")
     ddp = _recipe(tmp, synthetic_shards, "ddp", "ddp")
-    fsdp = _recipe(tmp, synthetic_shards, "fsdp", f"\n    class_path: {FSDP2}")
+    fsdp = _recipe(tmp, synthetic_shards, "fsdp", {"class_path": FSDP2})
     _pair(ddp)
     first = _pair(fsdp, "--trainer.max_steps", str(STOP))
     second = _pair(fsdp)  # auto-resume from checkpoints/last.ckpt (a directory)

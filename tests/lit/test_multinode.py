@@ -3,98 +3,32 @@ preset through the real CLI: each rank reads its own shards, the DDP step equals
 global batch, rank 0 writes the checkpoint, and the pair resumes from it."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import launch_nodes, wait_all
+from helpers.recipe import batch_trace, checkpoint, tiny_recipe
 
 pytestmark = pytest.mark.slow
 
 STEPS, RESUMED_STEPS = 2, 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def recipe(tmp: Path, shards: str, steps: int):
+    run = tmp / "run"
+    return tiny_recipe(
+        tmp, shards, steps=steps,
+        trainer={"logger": False,
+                 "callbacks": [checkpoint(run, every=2, cls="lightning.pytorch.callbacks.ModelCheckpoint"),
+                               batch_trace(tmp / "trace", dump_first_batch=True, disable_dropout=True)]},
+        data={"num_workers": 1, "train_min_sizes": [128], "train_max_size": 160})
 
 
-def recipe(tmp: Path, shards: str, steps: int) -> Path:
-    run, trace = tmp / "run", tmp / "trace"
-    text = textwrap.dedent(f"""\
-        seed_everything: 7
-        trainer:
-          accelerator: cpu
-          devices: 1
-          max_steps: {steps}
-          log_every_n_steps: 1
-          limit_val_batches: 0
-          num_sanity_val_steps: 0
-          enable_progress_bar: false
-          enable_model_summary: false
-          default_root_dir: {run}
-          logger: false
-          callbacks:
-            - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-              init_args:
-                dirpath: {run}/checkpoints
-                every_n_train_steps: 2
-                save_last: true
-                save_top_k: -1
-            - class_path: glip_pl.lit.callbacks.BatchTrace
-              init_args:
-                out_dir: {trace}
-                dump_first_batch: true
-                disable_dropout: true
-        model:
-          preset: tiny
-          lr: 0.001
-          lang_lr: 0.001
-          warmup_steps: 2
-        data:
-          train:
-            - urls: {shards}/detection
-            - urls: {shards}/grounding
-          batch_size: 2
-          num_workers: 1
-          train_min_sizes: [128]
-          train_max_size: 160
-          num_negatives: 4
-        """)
-    path = tmp / "recipe.yaml"
-    path.write_text(text)
-    return path
-
-
-def launch_pair(cfg: Path, *extra: str, timeout: float = 240) -> list:
+def launch_pair(cfg, *extra: str, timeout: float = 240) -> list:
     """Two `glip-pl fit` processes, node 0 and node 1 of a 2-node x 1-device DDP job on 127.0.0.1."""
-    port = free_port()
-    procs = []
-    for node in (0, 1):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "NODE_RANK": str(node), "WORLD_SIZE": "2"}
-        for var in ("RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(var, None)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(cfg), "--trainer.num_nodes", "2",
-             "--trainer.devices", "1", "--trainer.strategy", "ddp", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    out, deadline = [], time.monotonic() + timeout
-    try:
-        for p in procs:
-            o, e = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-            out.append((p.returncode, o, e))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return out
+    return wait_all(launch_nodes("fit", *cfg.args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                                 "--trainer.strategy", "ddp", *extra), timeout)
 
 
 def read_trace(trace: Path, rank: int) -> list:

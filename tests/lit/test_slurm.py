@@ -19,12 +19,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.recipe import batch_trace, checkpoint, tiny_recipe, wandb_logger
 
 pytestmark = pytest.mark.slow
 
@@ -71,50 +71,15 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", str(REPO / "scripts/ci/slurm_down.sh"), str(scratch)], timeout=60)
 
 
-def recipe(tmp: Path, shards: str) -> Path:
-    run, trace = tmp / "run", tmp / "trace"
-    path = tmp / "slurm_cpu.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        seed_everything: 7
-        trainer:
-          accelerator: cpu
-          strategy: ddp
-          max_steps: {MAX_STEPS}
-          log_every_n_steps: 1
-          limit_val_batches: 0
-          num_sanity_val_steps: 0
-          enable_progress_bar: false
-          enable_model_summary: false
-          default_root_dir: {run}
-          logger:
-            class_path: glip_pl.lit.logging.GLIPWandbLogger
-            init_args:
-              save_dir: {run}
-          callbacks:
-            - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-              init_args:
-                dirpath: {run}/checkpoints
-                every_n_train_steps: 100
-                save_last: true
-            - class_path: glip_pl.lit.callbacks.BatchTrace
-              init_args:
-                out_dir: {trace}
-        model:
-          preset: tiny
-          lr: 0.001
-          lang_lr: 0.001
-          warmup_steps: 2
-        data:
-          train:
-            - urls: {shards}/detection
-            - urls: {shards}/grounding
-          batch_size: 2
-          num_workers: 1
-          train_min_sizes: [128]
-          train_max_size: 160
-          num_negatives: 4
-        """))
-    return path
+def recipe(tmp: Path, shards: str):
+    run = tmp / "run"
+    return tiny_recipe(
+        tmp, shards, "run", steps=MAX_STEPS,
+        trainer={"strategy": "ddp", "logger": wandb_logger(run),  # devices and nodes: pretrain.sh sets them
+                 "callbacks": [checkpoint(run, every=100, cls="lightning.pytorch.callbacks.ModelCheckpoint",
+                                          save_top_k=1),
+                               batch_trace(tmp / "trace")]},
+        data={"num_workers": 1, "train_min_sizes": [128], "train_max_size": 160})
 
 
 def _job(job: str, env: dict) -> dict:
@@ -137,7 +102,7 @@ def test_sbatch_preempt_requeue_resume(tmp_path, synthetic_shards, slurm):
     # CPU overrides of the script's GPU #SBATCH lines, as its header documents
     r = subprocess.run(
         ["sbatch", "--parsable", "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=0", "--time=20",
-         f"--output={out}", "scripts/slurm/pretrain.sh", str(cfg)],
+         f"--output={out}", "scripts/slurm/pretrain.sh", *cfg.configs],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]

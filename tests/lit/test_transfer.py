@@ -12,15 +12,12 @@ budgets; see AP_MARGIN); on the original names the model is already trained, whe
 (Lightning's sanity pass with ``num_sanity_val_steps == limit_val_batches``) and after its last.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_fit import PRETRAIN_STEPS, SIZE, fit, recipe  # noqa: E402
+from helpers.pretrained import PRETRAIN_STEPS, SIZE, fit, recipe
 
 # The custom set's class names, in the synthetic category order (id 1 + 4 * shape + colour): unseen words.
 COLOURS, SHAPES = ("ruby", "jade", "navy", "amber"), ("disc", "block", "wedge")
@@ -36,7 +33,7 @@ AP_MARGIN = 0.03
 
 @pytest.fixture(scope="module")
 def pretrained(pretrained_tiny):
-    """The shared tiny checkpoint (tests/_tiny_fit.py: CLI pre-training on synthetic detection + grounding)."""
+    """The shared tiny checkpoint (tests/helpers/pretrained.py: CLI pre-training on synthetic detection + grounding)."""
     tmp, ckpt = pretrained_tiny
     assert torch.load(ckpt, weights_only=True)["global_step"] == PRETRAIN_STEPS
     return tmp, ckpt  # its AP is measured by each transfer run's first validation
@@ -62,7 +59,7 @@ def state(path):
 def test_full_finetune_raises_ap_and_lowers_val_loss(pretrained, synthetic_shards):
     """A full fine-tune on the custom set (all-class prompt of its renamed classes) raises its val box AP and lowers
     its held-out loss. Measured on this machine: AP 0.158 -> 0.333 (0.138 -> 0.367 before commit 102e875; tiny, the shared pre-training of
-    tests/_tiny_fit.py, then 120 fine-tuning steps of batch 2 at 160 px, lr 5e-4)."""
+    tests/helpers/pretrained.py, then 120 fine-tuning steps of batch 2 at 160 px, lr 5e-4)."""
     before, after, last = transfer_run(pretrained, synthetic_shards, "finetune", FINETUNE_STEPS,
                                        {"lr": 5e-4, "lang_lr": 5e-4})
     start, end = state(pretrained[1]), state(last)

@@ -1,13 +1,8 @@
 """``model.val_per_class``: the validation prints and logs each category's AP, named from the val source, and the
 categories' mean is the overall AP (COCO averages over categories with ground truth)."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _tiny_fit import SIZE  # noqa: E402
+from helpers.pretrained import SIZE
 
 
 @pytest.mark.slow

@@ -3,16 +3,15 @@ traceback, nothing unpickled; auto-resume moves a bad ``last.ckpt`` aside (``las
 deleted), says what it does instead, and the new run writes ``last.ckpt`` again (not ``last-v1.ckpt``)."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from glip_pl.lit.checkpointing import find_resume_checkpoint
+from helpers.cli import glip_pl
+from helpers.recipe import tiny_recipe
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _recipes import glip_pl, small_recipe  # noqa: E402
+from glip_pl.lit.checkpointing import find_resume_checkpoint
 
 
 class _Evil:
@@ -42,10 +41,10 @@ WHY = {"truncated": "truncated", "empty": "empty file", "evil": "needs unpicklin
 def test_explicit_bad_ckpt_path_is_one_clear_line(tmp_path, synthetic_shards, sub, kind):
     from glip_pl.lit.cli import run
 
-    cfg = small_recipe(tmp_path, synthetic_shards, steps=1)
+    cfg = tiny_recipe(tmp_path, synthetic_shards, steps=1)
     bad = _bad(tmp_path, kind)
     with pytest.raises(SystemExit) as e:
-        run([sub, "--config", str(cfg), "--ckpt_path", str(bad)])
+        run([sub, *cfg.args, "--ckpt_path", str(bad)])
     msg = str(e.value.code)
     assert msg.startswith(f"[glip_pl] {sub} --ckpt_path {bad}: ") and WHY[kind] in msg and "\n" not in msg, msg
     assert not (tmp_path / "owned").exists()
@@ -53,9 +52,9 @@ def test_explicit_bad_ckpt_path_is_one_clear_line(tmp_path, synthetic_shards, su
 
 def test_explicit_bad_ckpt_path_from_the_command_line(tmp_path, synthetic_shards):
     """The real ``glip-pl fit`` process: exit 1, the one line on stderr, no traceback."""
-    cfg = small_recipe(tmp_path, synthetic_shards, steps=1)
+    cfg = tiny_recipe(tmp_path, synthetic_shards, steps=1)
     bad = _bad(tmp_path, "evil")
-    r = glip_pl("fit", "--config", str(cfg), "--ckpt_path", str(bad), timeout=300)
+    r = glip_pl("fit", *cfg.args, "--ckpt_path", str(bad), timeout=300)
     assert r.returncode == 1, r.stderr[-3000:]
     assert f"[glip_pl] fit --ckpt_path {bad}: needs unpickling" in r.stderr and "Traceback" not in r.stderr, \
         r.stderr[-3000:]
@@ -87,11 +86,11 @@ def test_bad_last_is_moved_aside_and_the_previous_one_used(tmp_path, capsys):
 
 def test_auto_resume_from_a_bad_last_with_nothing_before_it(tmp_path, synthetic_shards):
     """No earlier checkpoint: the run says it starts from step 0, trains, and writes last.ckpt (the bad one kept)."""
-    cfg = small_recipe(tmp_path, synthetic_shards, steps=2, every=100)
+    cfg = tiny_recipe(tmp_path, synthetic_shards, steps=2, every=100)
     ckdir = tmp_path / "run" / "checkpoints"
     ckdir.mkdir(parents=True)
     (ckdir / "last.ckpt").write_bytes(b"truncated")
-    r = glip_pl("fit", "--config", str(cfg), timeout=500)
+    r = glip_pl("fit", *cfg.args, timeout=500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "moved aside to" in r.stderr and "this run starts from step 0" in r.stderr, r.stderr[-3000:]
     assert "resuming from" not in r.stderr

@@ -13,14 +13,13 @@ The SIGUSR1 run has ``SLURM_JOB_ID`` set and a stand-in ``scontrol`` on PATH: th
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _recipes import popen, small_recipe  # noqa: E402
+from helpers.cli import popen
+from helpers.compare import assert_same_tensors
+from helpers.recipe import tiny_recipe
 
 STEPS = 8
 
@@ -37,35 +36,21 @@ def _state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_resume_after_sigterm_and_sigusr1_is_exact(tmp_path, synthetic_shards):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
     (fake_bin / "scontrol").chmod(0o755)
     runs = {
-        "ref": (small_recipe(tmp_path, synthetic_shards, STEPS, workers=0, name="ref"), None, {}),
-        "term": (small_recipe(tmp_path, synthetic_shards, STEPS, workers=0, name="term"), signal.SIGTERM, {}),
-        "usr1": (small_recipe(tmp_path, synthetic_shards, STEPS, workers=1, name="usr1"), signal.SIGUSR1,
+        "ref": (tiny_recipe(tmp_path, synthetic_shards, "ref", steps=STEPS), None, {}),
+        "term": (tiny_recipe(tmp_path, synthetic_shards, "term", steps=STEPS), signal.SIGTERM, {}),
+        "usr1": (tiny_recipe(tmp_path, synthetic_shards, "usr1", steps=STEPS,
+                              data={"num_workers": 1}), signal.SIGUSR1,
                  {"SLURM_JOB_ID": "4242", "PATH": f"{fake_bin}:{os.environ['PATH']}"}),
     }
     ids = {k: tmp_path / f"{k}.ids.jsonl" for k in runs}
     # all three at once (one torch thread each)
-    procs = {k: popen("fit", "--config", str(cfg), GLIP_PL_RECORD_IDS=str(ids[k]), **env)
+    procs = {k: popen("fit", *cfg.args, GLIP_PL_RECORD_IDS=str(ids[k]), **env)
              for k, (cfg, _, env) in runs.items()}
     sent = {}
     deadline = time.time() + 400
@@ -93,7 +78,7 @@ def test_resume_after_sigterm_and_sigusr1_is_exact(tmp_path, synthetic_shards):
     last.write_bytes(last.read_bytes()[:4096])
 
     # the requeued/restarted jobs: the same command, auto-resume from the newest valid checkpoint
-    procs = {k: popen("fit", "--config", str(runs[k][0]), GLIP_PL_RECORD_IDS=str(ids[k])) for k in ("term", "usr1")}
+    procs = {k: popen("fit", *runs[k][0].args, GLIP_PL_RECORD_IDS=str(ids[k])) for k in ("term", "usr1")}
     outs = {k: p.communicate(timeout=400) for k, p in procs.items()}
     ref_ids, ref = _records(ids["ref"]), _state(tmp_path / "ref")
     assert [r["step"] for r in ref_ids] == list(range(STEPS))
@@ -111,6 +96,6 @@ def test_resume_after_sigterm_and_sigusr1_is_exact(tmp_path, synthetic_shards):
         assert [by_step[i] for i in sorted(by_step)] == ref_ids, f"{k}: a different sample sequence"
         st = _state(tmp_path / k)
         assert st["global_step"] == STEPS
-        _assert_same_tensors(ref["state_dict"], st["state_dict"], f"{k}.state_dict")
-        _assert_same_tensors(ref["optimizer_states"], st["optimizer_states"], f"{k}.optimizer")
+        assert_same_tensors(ref["state_dict"], st["state_dict"], f"{k}.state_dict")
+        assert_same_tensors(ref["optimizer_states"], st["optimizer_states"], f"{k}.optimizer")
         assert ref["lr_schedulers"] == st["lr_schedulers"]

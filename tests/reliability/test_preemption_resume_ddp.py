@@ -1,56 +1,29 @@
 """Exact resume with two processes as two simulated nodes (gloo DDP on CPU): SIGUSR1 reaches node 0 only, both
-ranks agree to stop after the same step with one checkpoint, the pair resumes, and each rank's sample sequence
-and the final weights equal an uninterrupted pair's (bitwise)."""
+ranks agree to stop after the same step with one checkpoint, the pair resumes, and each rank's sample sequence,
+the final weights, the AdamW state and the lr schedule equal an uninterrupted pair's (bitwise)."""
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _recipes import cli_env, small_recipe  # noqa: E402
+from helpers.cli import launch_nodes, wait_all
+from helpers.compare import assert_same_tensors
+from helpers.recipe import tiny_recipe
 
 pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pair(cfg: Path, ids: Path) -> list:
-    port, procs = _port(), []
-    for node in (0, 1):
-        env = cli_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node), WORLD_SIZE="2",
-                      GLIP_PL_RECORD_IDS=str(ids))
-        for var in ("RANK", "LOCAL_RANK", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(var, None)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(cfg), "--trainer.num_nodes", "2",
-             "--trainer.devices", "1", "--trainer.strategy", "ddp"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    return procs
+def _pair(cfg, ids: Path) -> list:
+    return launch_nodes("fit", *cfg.args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                        "--trainer.strategy", "ddp", GLIP_PL_RECORD_IDS=str(ids))
 
 
 def _wait(procs, timeout=300):
-    out = []
-    try:
-        for p in procs:
-            out.append((p.communicate(timeout=timeout)[1], p.returncode))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return out
+    return [(err, rc) for rc, _, err in wait_all(procs, timeout)]
 
 
 def _recs(ids: Path, rank: int) -> list:
@@ -62,8 +35,8 @@ def _recs(ids: Path, rank: int) -> list:
 
 
 def test_two_node_preemption_resume_is_exact(tmp_path, synthetic_shards):
-    ref_cfg = small_recipe(tmp_path, synthetic_shards, STEPS, name="ref")
-    pre_cfg = small_recipe(tmp_path, synthetic_shards, STEPS, name="pre")
+    ref_cfg = tiny_recipe(tmp_path, synthetic_shards, "ref", steps=STEPS)
+    pre_cfg = tiny_recipe(tmp_path, synthetic_shards, "pre", steps=STEPS)
     ref_ids, pre_ids = tmp_path / "ref.ids", tmp_path / "pre.ids"
     ref, pre = _pair(ref_cfg, ref_ids), _pair(pre_cfg, pre_ids)
     deadline, sent = time.time() + 300, False
@@ -87,5 +60,7 @@ def test_two_node_preemption_resume_is_exact(tmp_path, synthetic_shards):
     a = torch.load(tmp_path / "ref" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "pre" / "checkpoints" / "last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == STEPS
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
+    assert_same_tensors(a["state_dict"], b["state_dict"], "state_dict")
+    # AdamW exp_avg / exp_avg_sq / step of every parameter, the param groups' lr, and the scheduler's state
+    assert_same_tensors(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    assert a["lr_schedulers"] == b["lr_schedulers"]

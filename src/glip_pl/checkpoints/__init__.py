@@ -2,7 +2,8 @@
 
 * ``glip``: glip_pl model files and Lightning checkpoints of ``GLIPLitModule`` — ``read_glip_checkpoint``,
   ``load_glip_checkpoint`` (a model), ``load_model_weights`` (into a model), ``load_model`` (through loaders),
-  ``check_state_dict`` (the one missing / unexpected / shape check), ``write_glip_checkpoint``.
+  ``check_state_dict`` (the one missing / unexpected / shape check), ``checkpoint_problem`` (why a Lightning
+  checkpoint cannot be resumed from), ``write_glip_checkpoint``.
 * ``official`` / ``official_names``: released official GLIP files ⇄ glip_pl (``import_official``,
   ``export_official``).
 * ``zero`` / ``dcp`` / ``consolidate``: sharded DeepSpeed ZeRO and FSDP2 directories → one glip_pl file.
@@ -19,6 +20,7 @@ from .glip import (
     FORMAT_VERSION,
     CheckpointError,
     check_state_dict,
+    checkpoint_problem,
     glip_shapes,
     load_glip_checkpoint,
     load_model,
@@ -39,7 +41,7 @@ _LAZY = {
     "consolidate_dcp_checkpoint": "consolidate",
 }
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "check_state_dict", "glip_shapes", "load_glip_checkpoint",
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "check_state_dict", "checkpoint_problem", "glip_shapes", "load_glip_checkpoint",
            "load_model", "load_model_weights", "read_glip_checkpoint", "safe_torch_load", "write_glip_checkpoint",
            *_LAZY]
 

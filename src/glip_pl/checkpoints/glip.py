@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -49,6 +50,33 @@ def safe_torch_load(path) -> object:
     except (RuntimeError, EOFError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({first})") from None
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None when ``path`` is a loadable Lightning checkpoint, else why not, in one line."""
+    if os.path.isdir(path):  # sharded (DeepSpeed/FSDP) checkpoints: a directory, complete once renamed
+        return None if os.listdir(path) else "empty checkpoint directory"
+    if not os.path.exists(path):
+        return "no such file"
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with zipfile.ZipFile(path) as z:  # torch.save's format; the central directory is written last
+            z.namelist()
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except zipfile.BadZipFile:
+        return f"truncated or not a torch.save file ({os.path.getsize(path)} bytes, no complete zip directory)"
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; its "unsupported GLOBAL x" line says what the file wanted to run
+        what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        return ("needs unpickling of arbitrary Python objects, refused: checkpoints are read with "
+                f"torch.load(weights_only=True){' (' + what + ')' if what else ''}")
+    except Exception as e:  # RuntimeError (truncated records), OSError
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"{type(e).__name__}: {first}"
+    if not isinstance(ck, dict) or "state_dict" not in ck or "global_step" not in ck:
+        return "not a Lightning training checkpoint (no state_dict/global_step)"
+    return None
 
 
 def check_tensors(sd: dict, where: str) -> dict:

@@ -167,7 +167,7 @@ class GLIPCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ck = self.config[sub].get("ckpt_path") if sub else None
         if isinstance(ck, str) and ck.lower() != "none" and ck.split(":")[0] not in LIGHTNING_CKPT_KEYWORDS:
-            from glip_pl.lit.checkpointing import checkpoint_problem
+            from glip_pl.checkpoints import checkpoint_problem
 
             why = checkpoint_problem(ck)
             if why is not None:

@@ -14,13 +14,13 @@ import sys
 
 COMMANDS = {
     "shards": "glip_pl.data.cli",
-    "demo": "glip_pl.demo",
+    "demo": "glip_pl.cli_demo",
     "evaluate": "glip_pl.eval.cli",
     "predict": "glip_pl.eval.cli_predict",
     "odinw": "glip_pl.eval.cli_odinw",
     "import-official": "glip_pl.checkpoints.cli_official",
     "pseudo-label": "glip_pl.label.cli",
-    "pseudo-score": "glip_pl.label.score",
+    "pseudo-score": "glip_pl.label.cli_score",
     "consolidate": "glip_pl.checkpoints.cli_consolidate",
 }
 

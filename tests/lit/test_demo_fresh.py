@@ -3,7 +3,7 @@ new run write ``last-v1.ckpt`` and the demo draw from the stale ``last.ckpt``)."
 
 from pathlib import Path
 
-from glip_pl.demo import _set_aside
+from glip_pl.cli_demo import _set_aside
 
 
 def test_fresh_moves_the_previous_run_aside(tmp_path):

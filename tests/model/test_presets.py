@@ -1,10 +1,8 @@
 """Presets reproduce the official parameter counts (reference §7); the model library stays plain PyTorch."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers.imports import imported_after
 
 from glip_pl.model import OFFICIAL_PARAMS, build_glip, get_config
 from glip_pl.model.types import GLIPInputError
@@ -70,11 +68,5 @@ def test_model_library_imports_no_training_infrastructure():
                 names = [node.module or ""]
             bad += [f"{path.name}: {n}" for n in names if any(n == f or n.startswith(f + ".") for f in FORBIDDEN)]
     assert not bad, bad
-    code = (
-        "import sys, glip_pl.model as m; m.build_glip('tiny');"
-        "bad=[k for k in sys.modules if k.split('.')[0] in ('lightning','pytorch_lightning','deepspeed')"
-        " or k.startswith('glip_pl.lit') or k.startswith('glip_pl.data')];"
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert imported_after("import glip_pl.model as m; m.build_glip('tiny')",
+                          prefixes=("glip_pl.lit", "glip_pl.data")) == []

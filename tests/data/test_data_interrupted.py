@@ -148,13 +148,19 @@ def _wait_for_new_shards(folder, n, proc, timeout=60):
     raise AssertionError("the conversion did not get going")
 
 
-def test_ctrl_c_is_one_line_and_exit_130_and_the_old_set_stays(tmp_path, references):
+def _overwrite_under_way(tmp_path, references, workers: int):
+    """A copy of the reference set being overwritten by a long conversion that has written 3 new shards."""
     pristine, old, _ = references
     out = str(tmp_path / "shards")
     shutil.copytree(pristine, out)
-    # two worker processes: Ctrl-C must stop them too, without a traceback from each
-    proc = _cli(["--out", out, "--train", "3000", "--seed", "1", "--workers", "2", "--overwrite"])
+    proc = _cli(["--out", out, "--train", "3000", "--seed", "1", "--workers", str(workers), "--overwrite"])
     _wait_for_new_shards(out, 3, proc)
+    return out, old, proc
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_old_set_stays(tmp_path, references):
+    # two worker processes: Ctrl-C must stop them too, without a traceback from each
+    out, old, proc = _overwrite_under_way(tmp_path, references, workers=2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
@@ -164,11 +170,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_old_set_stays(tmp_path, referen
 
 
 def test_cli_overwrite_sigkilled_mid_conversion_leaves_the_old_set(tmp_path, references):
-    pristine, old, _ = references
-    out = str(tmp_path / "shards")
-    shutil.copytree(pristine, out)
-    proc = _cli(["--out", out, "--train", "3000", "--seed", "1", "--workers", "1", "--overwrite"])
-    _wait_for_new_shards(out, 3, proc)
+    out, old, proc = _overwrite_under_way(tmp_path, references, workers=1)
     proc.kill()
     proc.communicate(timeout=60)
     assert _content(os.path.join(out, "detection")) == old
